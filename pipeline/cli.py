@@ -1,0 +1,135 @@
+"""`r1flow`: run the recipe, rerun one stage, inspect status and artifacts, print the report.
+
+    r1flow run [overrides...]                 the whole recipe (make pipeline ARGS="recipe=r1_zero size=smoke")
+    r1flow stage NAME [--force] [overrides]   one stage from the latest complete versions of its inputs
+    r1flow status [overrides]                 each stage: version and done / missing / stale
+    r1flow artifacts ls [NAME] | show NAME[@VERSION] | lineage NAME[@VERSION]
+    r1flow report [NAME[@VERSION]]            the evaluation table and where the plots are
+    r1flow config [overrides]                 the composed config
+    r1flow serve [overrides]                  a Prefect deployment to start runs from the UI (needs `make ui`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_API = "http://127.0.0.1:4200/api"
+
+
+def _prefect_env() -> None:
+    """Project-local Prefect state; report to a running `make ui` server, else Prefect's own temporary one."""
+    os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "PREFECT_API_URL" not in os.environ:
+        try:
+            with urllib.request.urlopen(DEFAULT_API + "/health", timeout=0.5):
+                os.environ["PREFECT_API_URL"] = DEFAULT_API
+        except OSError:
+            pass
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="r1flow", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "status", "config", "serve"):
+        p = sub.add_parser(name)
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=r1_zero size=smoke")
+    p = sub.add_parser("stage")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="rerun even if its version exists")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("artifacts")
+    p.add_argument("action", choices=["ls", "show", "lineage"])
+    p.add_argument("ref", nargs="?", help="NAME or NAME@VERSION")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("report")
+    p.add_argument("ref", nargs="?", default="report", help="a report or evaluation artifact (NAME[@VERSION])")
+    p.add_argument("overrides", nargs="*")
+    return parser.parse_args(argv)
+
+
+def cmd_status(overrides) -> int:
+    from pipeline.plan import artifacts_root, compose_config, plan, stage_status
+
+    cfg = compose_config(overrides)
+    root = artifacts_root(cfg)
+    print(f"recipe {cfg.recipe.name}  artifacts {root}")
+    for stage in plan(cfg):
+        print(f"  {stage.name:<24} {stage.version}  {stage_status(root, stage)}")
+    return 0
+
+
+def cmd_artifacts(action, ref, overrides) -> int:
+    from pipeline import artifacts
+    from pipeline.plan import artifacts_root, compose_config
+
+    root = artifacts_root(compose_config(overrides))
+    if action == "ls":
+        listing = artifacts.list_artifacts(root)
+        for name, manifests in sorted(listing.items()):
+            if ref and name != ref:
+                continue
+            for m in manifests:
+                inputs = ", ".join(f"{i['name']}@{i['version']}" for i in m["inputs"].values()) or "-"
+                print(f"{name:<24} {m['version']}  {m['kind']:<10} {m.get('ended_at', '')[:19]}  inputs: {inputs}")
+        return 0
+    if not ref:
+        raise SystemExit(f"usage: r1flow artifacts {action} NAME[@VERSION]")
+    name, version = artifacts.parse_ref(ref)
+    version = version or artifacts.latest(root, name)
+    if action == "show":
+        print(json.dumps(artifacts.read_manifest(root, name, version), indent=2))
+    else:
+        print(artifacts.format_lineage(artifacts.lineage(root, name, version)))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    _prefect_env()
+    from stages.errors import UserError
+
+    try:
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            from pipeline.plan import compose_config
+
+            print(OmegaConf.to_yaml(compose_config(args.overrides)))
+            return 0
+        if args.command == "status":
+            return cmd_status(args.overrides)
+        if args.command == "artifacts":
+            return cmd_artifacts(args.action, args.ref, args.overrides)
+        if args.command == "report":
+            from stages.report import print_report
+            from pipeline.plan import artifacts_root, compose_config
+            from pipeline import artifacts
+
+            root = artifacts_root(compose_config(args.overrides))
+            name, version = artifacts.parse_ref(args.ref)
+            version = version or artifacts.latest(root, name)
+            return print_report(artifacts.load(root, name, version))
+        from pipeline.flow import r1flow_pipeline, serve
+
+        if args.command == "serve":
+            serve(args.overrides)
+            return 0
+        only = args.name if args.command == "stage" else None
+        rows = r1flow_pipeline(overrides=args.overrides, only=only, force=getattr(args, "force", False))
+        print("\n".join(f"{r['stage']:<24} {r['version']}  {r['state']:<6} {r['seconds']:>7.1f} s" for r in rows))
+        return 0
+    except UserError as e:
+        print(f"r1flow: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

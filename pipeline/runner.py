@@ -1,0 +1,180 @@
+"""Run one stage in its own process and publish what it wrote as a versioned artifact.
+
+Each stage is a separate process (`python -m pipeline.runner spec.json`, or `accelerate launch` for several GPUs), so
+a crash or an out-of-memory error in a stage does not take the flow down, GPU memory is freed between stages, and
+single- and multi-GPU runs share one code path. The child dies with its parent (PR_SET_PDEATHSIG), so killing
+`r1flow` never leaves an orphaned trainer writing into the work directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import importlib
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from pipeline import artifacts
+from pipeline.plan import PROJECT_ROOT, Stage
+from stages.errors import UserError
+
+RESULT_FILE = "_stage_result.json"
+USER_ERROR_FILE = "user_error.txt"
+
+
+def launch_command(hardware: dict, spec_path: str) -> list[str]:
+    """The command that runs a stage: plain python, or accelerate launch over all local GPUs."""
+    if hardware.get("launcher", "python") == "python":
+        return [sys.executable, "-m", "pipeline.runner", spec_path]
+    num = hardware.get("num_processes", "auto")
+    if num == "auto":
+        import torch
+
+        num = max(torch.cuda.device_count(), 1)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num), "--num_machines",
+           str(hardware.get("num_machines", 1)), "--mixed_precision", "bf16" if hardware.get("bf16") else "no"]
+    if hardware.get("fsdp"):
+        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy",
+                "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+    if int(hardware.get("num_machines", 1)) > 1:  # multi-node: the same command on every node, rank from the env
+        cmd += ["--machine_rank", os.environ.get("MACHINE_RANK", "0"), "--main_process_ip",
+                os.environ.get("MAIN_PROCESS_IP", "127.0.0.1"), "--main_process_port",
+                os.environ.get("MAIN_PROCESS_PORT", "29500")]
+    return cmd + ["-m", "pipeline.runner", spec_path]
+
+
+def stage_env(hardware: dict) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = str(hardware.get("torch_threads", 1))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"))
+    vllm = hardware.get("vllm") or {}
+    if vllm.get("cpu_kvcache_space_gib"):
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vllm["cpu_kvcache_space_gib"]))
+    if vllm.get("cpu_omp_threads_bind"):
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(vllm["cpu_omp_threads_bind"]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], None] = print,
+              force: bool = False) -> dict:
+    """Run `stage` unless its version exists; returns {"cached": bool, "version", "metrics", "seconds"}."""
+    if artifacts.exists(root, stage.name, stage.version) and not force:
+        manifest = artifacts.read_manifest(root, stage.name, stage.version)
+        return {"cached": True, "version": stage.version, "metrics": manifest.get("metrics", {}), "seconds": 0.0}
+    if stage.pinned:
+        raise UserError(f"recipe.pins asks for {stage.name}@{stage.version}, which is not in {root}; "
+                        f"list versions with `r1flow artifacts ls {stage.name}`")
+
+    inputs = {role: str(artifacts.load(root, producer, stage.input_versions[role]))
+              for role, producer in stage.inputs.items()}
+    work_dir = Path(work_root) / stage.name / stage.version
+    if force and work_dir.exists():
+        shutil.rmtree(work_dir)  # a forced rerun starts over instead of resuming the finished training
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(work_dir / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"stage {stage.name}@{stage.version} is already running (lock {work_dir / '.lock'}); "
+                        f"wait for it or stop that process") from None
+
+    staging = artifacts.staging_dir(root, stage.name, stage.version)
+    hardware = stage.config.get("hardware", {})
+    spec = {"name": stage.name, "module": stage.module, "config": stage.config, "inputs": inputs,
+            "output_dir": str(staging), "work_dir": str(work_dir)}
+    (work_dir / USER_ERROR_FILE).unlink(missing_ok=True)
+    spec_path = work_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    started = datetime.now(timezone.utc).isoformat()
+    t0 = time.time()
+    cmd = launch_command(hardware, str(spec_path))
+    log(f"running {stage.name}@{stage.version}: {shlex.join(cmd[-3:])}")
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=stage_env(hardware), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        tail = (tail + [line])[-40:]
+        log(line)
+    code = proc.wait()
+    result_path = Path(staging) / RESULT_FILE
+    if code != 0 or not result_path.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.close()
+        user_error = work_dir / USER_ERROR_FILE
+        if code == 2 and user_error.exists():
+            raise UserError(f"stage {stage.name}: {user_error.read_text()}")
+        raise RuntimeError(f"stage {stage.name}@{stage.version} failed (exit code {code}); last lines:\n"
+                           + "\n".join(tail[-15:]))
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    if force and artifacts.exists(root, stage.name, stage.version):
+        artifacts.remove(root, stage.name, stage.version)
+    artifacts.publish(root, stage.name, stage.version, staging, kind=stage.kind, stage=stage.module,
+                      inputs={role: {"name": stage.inputs[role], "version": v}
+                              for role, v in stage.input_versions.items()},
+                      config=stage.config, metrics=result["metrics"], started_at=started,
+                      ended_at=datetime.now(timezone.utc).isoformat(),
+                      extra={"fingerprints": stage.fingerprints, "seconds": round(time.time() - t0, 2)})
+    lock.close()
+    return {"cached": False, "version": stage.version, "metrics": result["metrics"], "seconds": time.time() - t0}
+
+
+def _set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(spec_path: str) -> int:
+    """Child side: import the stage module and call its run()."""
+    spec = json.loads(Path(spec_path).read_text())
+    config = spec["config"]
+    hardware = config.get("hardware", {})
+    import torch
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(int(hardware.get("torch_threads", 1)))
+    _set_seed(int(config.get("seed", 0)))
+    # `module` names a file in stages/; a dotted path (tests) is imported as given.
+    module_name = spec["module"] if "." in spec["module"] else f"stages.{spec['module']}"
+    module = importlib.import_module(module_name)
+    output_dir, work_dir = Path(spec["output_dir"]), Path(spec["work_dir"])
+    try:
+        metrics = module.run(OmegaConf.create(config), {k: Path(v) for k, v in spec["inputs"].items()},
+                             output_dir, work_dir)
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+        (work_dir / USER_ERROR_FILE).write_text(str(e))
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate only the main process reports
+        tmp = tempfile.NamedTemporaryFile("w", dir=output_dir, delete=False, suffix=".tmp")
+        json.dump({"metrics": metrics or {}}, tmp)
+        tmp.close()
+        os.replace(tmp.name, output_dir / RESULT_FILE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
