@@ -356,7 +356,7 @@ def _input_ref(ref) -> dict:
     return {"name": ref["name"], "version": ref["version"]}
 
 
-def delete(root, name: str, version: str) -> None:
+def remove(root, name: str, version: str) -> None:
     """Remove name@version (for --force): the manifest goes first, so a crash midway leaves an incomplete dir."""
     _check_segment("name", name)
     _check_segment("version", version)

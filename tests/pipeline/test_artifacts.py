@@ -207,9 +207,9 @@ def test_partial_final_dir_is_not_complete_and_is_replaced(root):
     A.load(root, "sft", "v1")  # verifies
 
 
-def test_delete_removes_artifact(root):
+def test_remove_deletes_artifact(root):
     v = make(root, "sft", {"w": b"x"})
-    A.delete(root, "sft", v)
+    A.remove(root, "sft", v)
     assert not A.exists(root, "sft", v) and not (root / "sft" / v).exists()
 
 
@@ -356,5 +356,5 @@ def test_memory_partial_upload_is_incomplete_and_replaced(mem_root):
     assert A.exists(mem_root, "sft", "v1")
     assert not fs.exists(f"{base}/sft/v1/stale.bin")
     A.load(mem_root, "sft", "v1")
-    A.delete(mem_root, "sft", "v1")
+    A.remove(mem_root, "sft", "v1")
     assert not A.exists(mem_root, "sft", "v1") and not fs.exists(f"{base}/sft/v1")
