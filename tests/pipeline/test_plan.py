@@ -1,0 +1,100 @@
+"""Config composition and versioning: what runs is decided before anything runs."""
+
+import pytest
+
+from pipeline.plan import compose_config, plan, versioned_view
+from stages.errors import UserError
+
+RECIPES = ["r1", "r1_zero", "distill"]
+MODELS = ["tiny", "qwen2.5-math-1.5b", "qwen2.5-math-7b", "qwen2.5-7b-instruct", "llama-3.1-8b"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_recipe_and_model_composes_without_downloading(recipe, model, tmp_path):
+    cfg = compose_config([f"recipe={recipe}", f"model={model}", f"artifacts_root={tmp_path}"])
+    stages = plan(cfg)
+    assert [s.name for s in stages] == list(cfg.recipe.stages)
+    assert all(len(s.version) == 12 for s in stages)
+    if model != "tiny":  # real models carry the paper's values
+        assert cfg.reasoning_grpo.beta == 0.001 and cfg.reasoning_grpo.epsilon == 10.0
+        assert cfg.reasoning_grpo.num_generations == 16 and cfg.model.trust_remote_code is False
+
+
+def test_r1_zero_uses_its_template_and_starts_grpo_from_base(tmp_path):
+    stages = {s.name: s for s in plan(compose_config(["recipe=r1_zero", f"artifacts_root={tmp_path}"]))}
+    assert stages["reasoning_grpo"].config["template"] == "r1_zero"
+    assert stages["reasoning_grpo"].inputs == {"model": "base"}
+    assert "cold_start_sft" not in stages
+
+
+def test_merged_sft_starts_from_the_base_not_the_rl_checkpoint(tmp_path):
+    stages = {s.name: s for s in plan(compose_config([f"artifacts_root={tmp_path}"]))}
+    merged = stages["merged_sft_alignment"]
+    assert merged.inputs["base"] == "base"
+    assert merged.input_versions["base"] == stages["base"].version
+    assert "model" not in merged.inputs
+
+
+def test_versions_are_deterministic_and_changes_propagate_downstream_only(tmp_path):
+    root = f"artifacts_root={tmp_path}"
+    a = {s.name: s.version for s in plan(compose_config([root]))}
+    assert a == {s.name: s.version for s in plan(compose_config([root]))}
+    b = {s.name: s.version for s in plan(compose_config([root, "reasoning_grpo.learning_rate=1e-5"]))}
+    changed = {name for name in a if a[name] != b[name]}
+    assert changed == {"reasoning_grpo", "eval_reasoning_grpo", "rejection_sampling", "merged_sft_alignment",
+                       "eval_final", "report"}
+
+
+def test_hardware_is_not_part_of_the_version(tmp_path):
+    root = f"artifacts_root={tmp_path}"
+    cpu = [s.version for s in plan(compose_config([root]))]
+    threads = [s.version for s in plan(compose_config([root, "hardware.torch_threads=1"]))]
+    assert cpu == threads
+    assert "hardware" not in versioned_view({"hardware": {}, "lr": 1})
+
+
+def test_smoke_size_shrinks_budgets(tmp_path):
+    full = compose_config([])
+    smoke = compose_config(["size=smoke"])
+    assert smoke.reasoning_grpo.max_steps < full.reasoning_grpo.max_steps
+    assert smoke.base.max_steps < full.base.max_steps
+    assert smoke.evaluate.max_questions < full.evaluate.max_questions
+
+
+def test_data_file_content_is_part_of_the_version(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    overrides = [f"artifacts_root={tmp_path}", f"data.files.rl_train={data}"]
+    before = {s.name: s for s in plan(compose_config(overrides))}
+    assert str(data) in before["reasoning_grpo"].fingerprints
+    data.write_text('{"prompt": "1+2", "answer": "3"}\n')
+    after = {s.name: s for s in plan(compose_config(overrides))}
+    assert after["reasoning_grpo"].version != before["reasoning_grpo"].version
+    assert after["cold_start_sft"].version == before["cold_start_sft"].version
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["reasoning_grpo.lrr=1"], "reasoning_grpo.lrr"),
+    (["recipe=nope"], "recipe/nope"),
+    (["model=gpt-17"], "model/gpt-17"),
+])
+def test_config_errors_name_the_key(overrides, needle):
+    with pytest.raises(UserError, match="config error") as err:
+        compose_config(overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_stage_and_bad_pin_are_clear(tmp_path):
+    cfg = compose_config([f"artifacts_root={tmp_path}"])
+    with pytest.raises(UserError, match="unknown stage 'nope'.*its stages are: base"):
+        plan(cfg, latest_inputs_for="nope")
+    cfg = compose_config([f"artifacts_root={tmp_path}", "+recipe.pins.nope=abc"])
+    with pytest.raises(UserError, match="recipe.pins names 'nope'"):
+        plan(cfg)
+
+
+def test_rerunning_one_stage_needs_its_inputs_in_the_store(tmp_path):
+    cfg = compose_config([f"artifacts_root={tmp_path}"])
+    with pytest.raises(UserError, match="needs input 'model' from stage 'base'"):
+        plan(cfg, latest_inputs_for="cold_start_sft")
