@@ -91,6 +91,17 @@ def cmd_artifacts(action, ref, overrides) -> int:
     return 0
 
 
+def _preflight(overrides, only) -> None:
+    """Config, stage names, pins, inputs and a writable store are checked before Prefect starts (seconds, not
+    a flow run that fails)."""
+    from pipeline import artifacts
+    from pipeline.plan import artifacts_root, compose_config, plan
+
+    cfg = compose_config(overrides)
+    plan(cfg, latest_inputs_for=only)
+    artifacts.check_writable(artifacts_root(cfg))
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     _prefect_env()
@@ -117,12 +128,13 @@ def main(argv=None) -> int:
             name, version = artifacts.parse_ref(args.ref)
             version = version or artifacts.latest(root, name)
             return print_report(artifacts.load(root, name, version))
+        only = args.name if args.command == "stage" else None
+        _preflight(args.overrides, only)
         from pipeline.flow import r1flow_pipeline, serve
 
         if args.command == "serve":
             serve(args.overrides)
             return 0
-        only = args.name if args.command == "stage" else None
         rows = r1flow_pipeline(overrides=args.overrides, only=only, force=getattr(args, "force", False))
         print("\n".join(f"{r['stage']:<24} {r['version']}  {r['state']:<6} {r['seconds']:>7.1f} s" for r in rows))
         return 0
