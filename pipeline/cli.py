@@ -133,6 +133,8 @@ def main(argv=None) -> int:
         from pipeline.flow import r1flow_pipeline, serve
 
         if args.command == "serve":
+            if "PREFECT_API_URL" not in os.environ:
+                raise UserError(f"no Prefect server at {DEFAULT_API}: start one with `make ui`, then `make serve`")
             serve(args.overrides)
             return 0
         rows = r1flow_pipeline(overrides=args.overrides, only=only, force=getattr(args, "force", False))
