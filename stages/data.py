@@ -1,0 +1,182 @@
+"""Loading and validating data files for every stage.
+
+A file entry (`data.files.<name>` in conf/data/*.yaml) is one of
+    "path/to/file.jsonl" | "path/to/file.parquet"            relative paths resolve against the project root
+    {path: local file, columns: {ours: theirs}}               a local file whose columns have other names
+    {hub: id, split: train, subset: null, columns: {...}}     a `datasets.load_dataset` hub dataset
+`load_rows` returns plain dicts with our column names, or raises `UserError` naming the file, line, field or key.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable
+
+from stages.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REGENERATE = "`python data/arith/prepare.py` regenerates the embedded task world"
+
+
+def resolve_path(p: str | os.PathLike) -> Path:
+    """`p` as an absolute path; relative paths are taken from the project root (the directory of pyproject.toml)."""
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (one TCP connect, remembered per process).
+
+    Without it an unreachable hub costs ~50 s of library retries before the error. HF_HUB_OFFLINE=1 means no; with a
+    proxy configured the direct probe says nothing, so the libraries decide.
+    """
+    return not hub_offline() and _probe_hub(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@functools.lru_cache(maxsize=4)
+def _probe_hub(endpoint: str, timeout: float = 3.0) -> bool:
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    from urllib.parse import urlparse
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _plain(spec: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        if isinstance(spec, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(spec, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return spec
+
+
+def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> list[dict]:
+    """All rows of the file entry `spec` (see module doc) with `required` fields present and non-null.
+
+    `name` names the setting in error messages: a `data.files` entry (`rl_train` -> `data.files.rl_train`) or a
+    full config key with a dot (`reasoning_grpo.train_file`).
+    """
+    spec = _plain(spec)
+    required = list(required)
+    key = name if "." in name else f"data.files.{name}"
+    if spec is None or spec == "":
+        raise UserError(f"{key} is not set: give a JSONL/Parquet path or {{hub: id, split: ...}}")
+    columns: dict = {}
+    if isinstance(spec, (str, os.PathLike)):
+        rows, where = _read_file(spec, key)
+    elif isinstance(spec, dict):
+        columns = spec.get("columns") or {}
+        if not isinstance(columns, dict):
+            raise UserError(f"{key}.columns must map our column name to the file's, e.g. {{prompt: problem}}")
+        unknown = sorted(set(spec) - {"path", "hub", "split", "subset", "columns"})
+        if unknown:
+            raise UserError(f"{key}: unknown keys {unknown}; allowed: path, hub, split, subset, columns")
+        if ("path" in spec) == ("hub" in spec):
+            raise UserError(f"{key} needs exactly one of `path` (a local file) or `hub` (a dataset id)")
+        if "path" in spec:
+            rows, where = _read_file(spec["path"], key)
+        else:
+            rows, where = _read_hub(spec, key)
+    else:
+        raise UserError(f"{key} must be a path or a mapping, not {type(spec).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{where(i)}: expected a JSON object, got {type(row).__name__}")
+        row = _rename(row, columns, where(i), key)
+        missing = [f for f in required if row.get(f) is None]
+        if missing:
+            raise UserError(f"{where(i)}: missing required field {missing[0]!r} (required: {required}); columns "
+                            f"present: {sorted(row)}. Map other column names with {key}.columns: "
+                            f"{{{missing[0]}: <their column>}}")
+        out.append(row)
+    if not out:
+        raise UserError(f"{where(None)} has no rows ({key})")
+    return out
+
+
+def _rename(row: dict, columns: dict, where: str, key: str) -> dict:
+    if not columns:
+        return row
+    absent = [theirs for theirs in columns.values() if theirs not in row]
+    if absent:
+        raise UserError(f"{where}: column {absent[0]!r} named in {key}.columns is not there; columns present: "
+                        f"{sorted(row)}")
+    out = {k: v for k, v in row.items() if k not in columns.values() or k in columns}
+    for ours, theirs in columns.items():
+        out[ours] = row[theirs]
+    return out
+
+
+def _read_file(p: Any, key: str):
+    path = resolve_path(p)
+    if not path.is_file():
+        hint = REGENERATE if "data/arith" in path.as_posix() else f"set {key} to an existing file"
+        raise UserError(f"{key}: file {path} not found; {hint} (or point {key} at another JSONL/Parquet file)")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 -- any reader failure is a bad input file
+            raise UserError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+        return rows, lambda i: f"{path}" if i is None else f"{path}: row {i}"
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e}); every line of a JSONL file must be one "
+                                f"JSON object") from None
+    linenos = [n for n, _ in rows]
+    return [r for _, r in rows], lambda i: f"{path}" if i is None else f"{path}:{linenos[i]}"
+
+
+def _read_hub(spec: dict, key: str):
+    hub = str(spec["hub"])
+    hint = (f"Set {key} to a local JSONL/Parquet file with the same columns (e.g. {{path: my.jsonl, columns: ...}}), "
+            f"or allow network access (unset HF_HUB_OFFLINE)")
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise UserError(f"{key}: hub dataset {hub!r} needs the `datasets` package. {hint}") from None
+    split = spec.get("split") or "train"
+    if not hub_offline() and not hub_reachable():
+        raise UserError(f"{key}: cannot load hub dataset {hub!r}: the hub is unreachable from this machine (if the "
+                        f"dataset is in the local cache, HF_HUB_OFFLINE=1 uses it). {hint}")
+    try:
+        ds = datasets.load_dataset(hub, spec.get("subset"), split=split)
+    except Exception as e:  # noqa: BLE001 -- offline, unreachable, unknown id, bad split: all need the same fix
+        why = "HF_HUB_OFFLINE=1 is set and it is not cached" if hub_offline() else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise UserError(f"{key}: cannot load hub dataset {hub!r} (split {split!r}): {why}. {hint}") from None
+    label = f"{hub} [{split}]"
+    return ds.to_list(), lambda i: label if i is None else f"{label} row {i}"
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write rows as JSONL atomically (a temporary file renamed into place): readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
