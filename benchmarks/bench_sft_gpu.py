@@ -1,0 +1,445 @@
+"""SFT throughput on one GPU: the project's SFT path (hardware=gpu) against plain TRL defaults, same model and data.
+
+The shape is ../shared/bench/gpu_sft_anchor.py's: a random-init Qwen3 of 0.37B parameters (hidden 1024, 24 layers,
+16 heads / 8 KV heads of 64, MLP 3072, vocab 32k, untied), bf16 weights, 2048 pre-tokenized samples of random length
+128..2048. Tokens/s counts real (non-pad) tokens over timed steps (after warm-up, CUDA-synchronised); MFU is
+6 * N * tokens/s over the bf16 matmul rate measured in the same process (N = all parameters, as the anchor counts).
+
+    python benchmarks/bench_sft_gpu.py             # project: TRL defaults vs stages.training.sft with hardware=gpu
+    python benchmarks/bench_sft_gpu.py explore     # the variants that chose conf/hardware/gpu.yaml's settings
+    python benchmarks/bench_sft_gpu.py explore pf_b32 raw_compile_b32   # some of them
+
+`project` runs exactly what cold_start_sft runs (stages.training.load_policy + stages.training.sft on the stage's
+composed config with hardware=gpu); only the data (random tokens) and the step budget are the benchmark's. Results go
+to stdout (a table last) and, with $OUT set, to $OUT/bench_sft_gpu.json and per-variant profiler tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VOCAB = 32000
+N_ROWS = 2048
+WARM = 6          # steps before timing (compilation, allocator warm-up)
+TIMED = 20
+PROFILED = 3      # steps under torch.profiler after the timed ones (profile=True)
+OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench_sft_"))
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="t1", pad_token="t2")
+
+
+def model_config():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=1024, intermediate_size=3072, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False,
+                       max_position_embeddings=4096, eos_token_id=1, pad_token_id=2, bos_token_id=1)
+
+
+def build_model():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(model_config(), dtype=torch.bfloat16)
+
+
+def data(n=N_ROWS, seed=0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(128, 2049, (n,), generator=g).tolist()
+    return Dataset.from_list([{"input_ids": torch.randint(3, VOCAB, (L,), generator=g).tolist()} for L in lens])
+
+
+def ceiling():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 / ((time.perf_counter() - t) / 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing, token counting and profiling around a Trainer
+
+def _count_tokens(inputs) -> int:
+    am = inputs.get("attention_mask")
+    return int(am.sum()) if am is not None else int(inputs["input_ids"].numel())
+
+
+class Meter:
+    """Times steps [WARM, WARM+TIMED) with CUDA syncs and counts their real tokens; profiles PROFILED steps after."""
+
+    def __init__(self, name, profile=False):
+        self.name, self.profile = name, profile
+        self.tokens = 0
+        self.t0 = self.dt = None
+        self.prof = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == WARM:
+                    torch.cuda.synchronize()
+                    meter.t0 = time.perf_counter()
+                if meter.profile and state.global_step == WARM + TIMED:
+                    meter.start_profile()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == WARM + TIMED:
+                    torch.cuda.synchronize()
+                    meter.dt = time.perf_counter() - meter.t0
+
+            def on_train_end(self, args, state, control, **kw):
+                meter.stop_profile(PROFILED)
+
+        return _CB()
+
+    def wrap(self, trainer):
+        orig = trainer.training_step
+
+        def step(model, inputs, *a, **k):
+            if WARM <= trainer.state.global_step < WARM + TIMED:
+                self.tokens += _count_tokens(inputs)
+            return orig(model, inputs, *a, **k)
+
+        trainer.training_step = step
+
+    def start_profile(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.prof.__enter__()
+        self.prof_t0 = time.perf_counter()
+
+    def stop_profile(self, steps):
+        if self.prof is None:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.prof_t0
+        self.prof.__exit__(None, None, None)
+        self.profile_summary = summarize_profile(self.prof, wall, steps, self.name)
+        self.prof = None
+
+
+def _kernel_class(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_", "cublas", "matmul", "wgmma")):
+        return "matmul"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer"
+    if "triton" in n:
+        return "triton (fused)"
+    if "nccl" in n:
+        return "comm"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other (eager elementwise/reduce)"
+
+
+def summarize_profile(prof, wall, steps, name) -> dict:
+    """GPU busy time over wall time per step, and the kernel time split by class; full table into $OUT."""
+    classes: dict[str, float] = {}
+    busy = 0.0
+    for evt in prof.key_averages():
+        dev = getattr(evt, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(evt, "self_cuda_time_total", 0)
+        if not dev or evt.key.startswith("ProfilerStep"):
+            continue
+        # only kernels and copies (device-side events) count, CPU ops carry device time of their children
+        if getattr(evt, "device_type", None) is not None and "CUDA" not in str(evt.device_type):
+            continue
+        busy += dev
+        cls = _kernel_class(evt.key)
+        classes[cls] = classes.get(cls, 0.0) + dev
+    try:
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+        (OUT / f"profile_{name}.txt").write_text(table)
+    except Exception as e:  # pragma: no cover
+        print("profile table:", e)
+    busy_s = busy / 1e6
+    out = {"wall_per_step_s": round(wall / steps, 4), "gpu_busy_per_step_s": round(busy_s / steps, 4),
+           "gpu_busy_frac": round(busy_s / wall, 3),
+           "kernel_split": {k: round(v / busy, 3) for k, v in sorted(classes.items(), key=lambda x: -x[1])}}
+    print(f"[{name}] profile: {json.dumps(out)}", flush=True)
+    return out
+
+
+def _result(name, meter, n_params, peak, extra=None):
+    tps = meter.tokens / meter.dt
+    r = {"name": name, "params": n_params, "tokens_per_s": round(tps), "step_s": round(meter.dt / TIMED, 3),
+         "tokens_per_step": round(meter.tokens / TIMED), "mfu": round(6 * n_params * tps / peak, 3),
+         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)}
+    if getattr(meter, "profile_summary", None):
+        r["profile"] = meter.profile_summary
+    r.update(extra or {})
+    return r
+
+
+def _cleanup():
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plain TRL (the anchor's way) and the explored variants
+
+def run_trl(name, ds, peak, *, batch=8, attn=None, padding_free=False, liger=False, compile=False, profile=False,
+            **sft_kwargs):
+    from trl import SFTConfig, SFTTrainer
+
+    from stages import gpu
+
+    tok = tokenizer()
+    m = build_model()
+    n_params = sum(p.numel() for p in m.parameters())
+    if attn:
+        gpu.set_attention(m, attn)
+    gpu.prepare_for_training(m, {"device": "cuda", "liger_kernels": liger, "compile": compile})
+    meter = Meter(name, profile)
+    args = SFTConfig(output_dir=str(OUT / f"ckpt_{name}"), report_to=[], save_strategy="no", logging_steps=1000,
+                     max_steps=WARM + TIMED + (PROFILED if profile else 0), learning_rate=1e-4, bf16=True,
+                     max_length=2048, per_device_train_batch_size=batch, disable_tqdm=True, **sft_kwargs)
+    collator = gpu.padding_free_collator(tok) if padding_free else None
+    tr = SFTTrainer(model=m, args=args, train_dataset=ds, processing_class=tok, data_collator=collator,
+                    callbacks=[meter.callback()])
+    meter.wrap(tr)
+    tr.train()
+    r = _result(name, meter, n_params, peak, {"attn": m.config._attn_implementation,
+                                                "gc": bool(tr.args.gradient_checkpointing), "optim": str(tr.args.optim)})
+    del tr, m
+    return r
+
+
+def run_raw(name, ds, peak, *, batch=32, compile=True, liger=False, profile=False):
+    """No Trainer: the same model, collator, fused LM head and fused AdamW in a bare loop (what the Trainer costs)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from stages import gpu
+
+    tok = tokenizer()
+    m = build_model().cuda()
+    n_params = sum(p.numel() for p in m.parameters())
+    gpu.set_attention(m, gpu.VARLEN)
+    gpu.prepare_for_training(m, {"device": "cuda", "liger_kernels": liger, "compile": compile})
+    add_fused_lm_head(m, outputs=("log_probs",))
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    collate = gpu.padding_free_collator(tok)
+    meter = Meter(name, profile)
+    rows = ds.with_format(None)
+    for step in range(WARM + TIMED + (PROFILED if profile else 0)):
+        if step == WARM:
+            torch.cuda.synchronize()
+            meter.t0 = time.perf_counter()
+        if profile and step == WARM + TIMED:
+            meter.start_profile()
+        batch_rows = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
+        inputs = {k: (v.cuda(non_blocking=True) if torch.is_tensor(v) else v) for k, v in collate(batch_rows).items()}
+        if WARM <= step < WARM + TIMED:
+            meter.tokens += _count_tokens(inputs)
+        loss = m(**inputs, fused_lm_head=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == WARM + TIMED - 1:
+            torch.cuda.synchronize()
+            meter.dt = time.perf_counter() - meter.t0
+    meter.stop_profile(PROFILED)
+    r = _result(name, meter, n_params, peak, {"attn": m.config._attn_implementation})
+    del m, opt
+    return r
+
+
+EXPLORE = {
+    # the anchor's baseline: TRL's defaults (gradient checkpointing on, padded batches, sdpa)
+    "trl_defaults": lambda ds, pk: run_trl("trl_defaults", ds, pk, batch=8),
+    # padding-free rows through varlen flash attention, no checkpointing, fused AdamW
+    "pf_b8": lambda ds, pk: run_trl("pf_b8", ds, pk, batch=8, attn="sdpa_varlen", padding_free=True,
+                                    gradient_checkpointing=False, optim="adamw_torch_fused"),
+    "pf_b32": lambda ds, pk: run_trl("pf_b32", ds, pk, batch=32, attn="sdpa_varlen", padding_free=True,
+                                     gradient_checkpointing=False, optim="adamw_torch_fused", profile=True),
+    "pf_liger_b32": lambda ds, pk: run_trl("pf_liger_b32", ds, pk, batch=32, attn="sdpa_varlen", padding_free=True,
+                                           liger=True, gradient_checkpointing=False, optim="adamw_torch_fused"),
+    "pf_compile_b32": lambda ds, pk: run_trl("pf_compile_b32", ds, pk, batch=32, attn="sdpa_varlen",
+                                             padding_free=True, compile=True, gradient_checkpointing=False,
+                                             optim="adamw_torch_fused", profile=True),
+    "pf_liger_compile_b32": lambda ds, pk: run_trl("pf_liger_compile_b32", ds, pk, batch=32, attn="sdpa_varlen",
+                                                   padding_free=True, liger=True, compile=True,
+                                                   gradient_checkpointing=False, optim="adamw_torch_fused"),
+    "pf_compile_b64": lambda ds, pk: run_trl("pf_compile_b64", ds, pk, batch=64, attn="sdpa_varlen",
+                                             padding_free=True, compile=True, gradient_checkpointing=False,
+                                             optim="adamw_torch_fused"),
+    "raw_compile_b32": lambda ds, pk: run_raw("raw_compile_b32", ds, pk, batch=32, compile=True, profile=True),
+    # transformers' own packed-sequence path: flex attention with a block mask built from position_ids
+    "pf_flex_b32": lambda ds, pk: run_trl("pf_flex_b32", ds, pk, batch=32, attn="flex_attention", padding_free=True,
+                                          gradient_checkpointing=False, optim="adamw_torch_fused"),
+}
+
+
+def check_varlen() -> dict:
+    """Correctness first: a padding-free row through sdpa_varlen against each sequence alone through sdpa (bf16, GQA,
+    head_dim 64 as benchmarked): relative error of logits and of the gradients, fresh random inputs."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from stages import gpu
+
+    cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
+    ref.set_attn_implementation("sdpa")
+    var = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
+    var.load_state_dict(ref.state_dict())
+    used = gpu.set_attention(var, gpu.VARLEN)
+    rows = [{"input_ids": torch.randint(3, 512, (n,)).tolist()} for n in (37, 300, 5, 129)]
+    b = gpu.padding_free_collator(tokenizer())(rows)
+    b = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in b.items()}
+    out = var(input_ids=b["input_ids"], position_ids=b["position_ids"], cu_seq_lens_q=b["cu_seq_lens_q"],
+              cu_seq_lens_k=b["cu_seq_lens_k"], max_length_q=b["max_length_q"], max_length_k=b["max_length_k"]).logits[0]
+    sep = torch.cat([ref(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0] for r in rows])
+    out.float().square().mean().backward()
+    sep.float().square().mean().backward()
+    rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
+    grads = [rel(pv.grad, pr.grad) for pv, pr in zip(var.parameters(), ref.parameters()) if pr.grad is not None]
+    res = {"attn": used, "logits_rel_err": rel(out, sep), "grad_rel_err_max": max(grads)}
+    print("varlen check:", json.dumps(res), flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The project's path
+
+def project_cfg(overrides=()):
+    """The cold_start_sft stage's composed config with hardware=gpu (what the stage receives)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.plan import compose_config
+
+    cfg = compose_config(["hardware=gpu", *overrides])
+    return OmegaConf.create(OmegaConf.to_container(cfg.cold_start_sft, resolve=True))
+
+
+def run_project(name, ds, peak, model_dir, *, batch, profile=False):
+    """stages.training.load_policy + stages.training.sft exactly as cold_start_sft calls them (hardware=gpu)."""
+    from stages import training
+
+    cfg = project_cfg([f"cold_start_sft.per_device_train_batch_size={batch}", "cold_start_sft.max_length=2048",
+                       "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
+                       "cold_start_sft.warmup_ratio=0.0", "cold_start_sft.logging_steps=1000",
+                       "cold_start_sft.save_steps=100000"])
+    training.setup(cfg)
+    model, tok = training.load_policy(model_dir, cfg.hardware)
+    n_params = sum(p.numel() for p in model.parameters())
+    meter = Meter(name, profile)
+    work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+
+    # Count the tokens of the trainer that sft() builds: wrap its training_step as it is constructed.
+    from trl import SFTTrainer
+
+    orig_init = SFTTrainer.__init__
+
+    def patched_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        meter.wrap(self)
+
+    SFTTrainer.__init__ = patched_init
+    try:
+        model, trainer = training.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
+                                      max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
+                                      save_strategy="no")
+    finally:
+        SFTTrainer.__init__ = orig_init
+    a = trainer.args
+    r = _result(name, meter, n_params, peak, {"attn": model.config._attn_implementation,
+                                                "gc": bool(a.gradient_checkpointing), "optim": str(a.optim),
+                                                "batch": batch, "hardware": {k: cfg.hardware.get(k) for k in (
+                                                    "padding_free", "liger_kernels", "compile")}})
+    del trainer, model
+    return r
+
+
+def main(argv):
+    mode = argv[0] if argv and argv[0] in ("project", "explore") else "project"
+    names = [a for a in argv if a not in ("project", "explore")]
+    peak = ceiling()
+    print(f"bf16 matmul ceiling {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}; "
+          f"{torch.cuda.get_device_name()}", flush=True)
+    ds = data()
+    results = []
+    if mode == "explore":
+        try:
+            check_varlen()
+        except Exception:
+            traceback.print_exc()
+        jobs = [(n, (lambda n=n: EXPLORE[n](ds, peak))) for n in (names or list(EXPLORE))]
+    else:
+        model_dir = Path(tempfile.mkdtemp(prefix="bench_model_"))
+        build_model().save_pretrained(model_dir)
+        tokenizer().save_pretrained(model_dir)
+        jobs = [("trl_defaults", lambda: EXPLORE["trl_defaults"](ds, peak)),
+                ("project_b8", lambda: run_project("project_b8", ds, peak, model_dir, batch=8)),
+                ("project_b32", lambda: run_project("project_b32", ds, peak, model_dir, batch=32, profile=True))]
+        jobs = [j for j in jobs if not names or j[0] in names]
+    for name, job in jobs:
+        t = time.time()
+        try:
+            r = job()
+        except Exception as e:
+            traceback.print_exc()
+            r = {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        r["wall_s"] = round(time.time() - t, 1)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        _cleanup()
+    base = next((r for r in results if r["name"] == "trl_defaults" and "tokens_per_s" in r), None)
+    (OUT / "bench_sft_gpu.json").write_text(json.dumps({"ceiling_tflops": peak / 1e12, "results": results}, indent=1))
+    print(f"\n{'variant':24s} {'tok/s':>8s} {'MFU':>6s} {'x TRL':>6s} {'step s':>7s} {'tok/step':>8s} {'mem GB':>6s} "
+          f"{'wall s':>6s}")
+    for r in results:
+        if "tokens_per_s" not in r:
+            print(f"{r['name']:24s} ERROR {r.get('error')}")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        print(f"{r['name']:24s} {r['tokens_per_s']:8d} {r['mfu']:6.3f} {ratio:6.2f} {r['step_s']:7.3f} "
+              f"{r['tokens_per_step']:8d} {r['peak_mem_gb']:6.1f} {r['wall_s']:6.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,199 @@
+"""GPU training speed-ups, each selected by a key of the `hardware` node (conf/hardware/gpu.yaml); none is used on CPU.
+
+- `attn_implementation: sdpa_varlen` (`register()`): padding-free attention. A padding-free batch is one row of
+  several sequences laid end to end, with the sequence boundaries (`cu_seq_lens_q`, as TRL's collator gives them, or
+  the restarts of `position_ids`). This attention runs it through PyTorch's own variable-length flash attention
+  (`torch.nn.attention.varlen`, no flash-attn package needed), so no token attends across a boundary and no pad
+  token is computed. Every other call (padded batches with a mask, generation with a KV cache) goes to transformers'
+  sdpa unchanged, so the same model also generates and evaluates.
+- `padding_free: true` (`padding_free_collator`): SFT batches are flattened into that one row instead of padded to the
+  longest sample. The samples per step, the loss and its normalisation (mean over the batch's completion tokens) stay
+  what they are with padding: it changes how the step computes, not what (hardware stays out of stage versions).
+- `liger_kernels: true` (`prepare_for_training`): Liger's Triton RMSNorm, SwiGLU and RoPE (the LM head and loss are
+  TRL's own fused, chunked head already).
+- `compile: true`: `torch.compile` of each decoder layer for training (regional compilation: one graph reused by all
+  layers, seconds to compile, no graph break at the LM head); `uncompile()` returns the plain modules for generation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Mapping
+
+import torch
+
+VARLEN = "sdpa_varlen"
+_registered = False
+_cu_cache: dict = {}
+
+
+def _varlen_fn():
+    """torch.nn.attention.varlen.varlen_attn adapted to the signature of the installed torch (2.10: is_causal=True;
+    2.11+: window_size=(-1, 0); GQA natively where it takes enable_gqa), or None where it does not exist."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def attend(q, k, v, cu, max_len, scale):
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=True, **causal)
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
+
+    return attend
+
+
+def _segments(kwargs: dict, q_len: int):
+    """(cu_seq_lens int32 on the device, max length) of a one-row padding-free batch, or None for a single sequence.
+
+    TRL's collator passes cu_seq_lens_q / max_length_q (computed on the CPU: no device sync). Without them the
+    boundaries are read off position_ids (a restart at 0 begins a sequence), once per forward, not once per layer."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        return (cu if cu.dtype == torch.int32 else cu.to(torch.int32)), int(max_len)
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.shape[-1] != q_len:
+        return None
+    key = (pos.data_ptr(), tuple(pos.shape), pos._version)
+    if key not in _cu_cache:
+        _cu_cache.clear()
+        starts = (pos.reshape(-1) == 0).nonzero().flatten()
+        if starts.numel() <= 1:
+            _cu_cache[key] = None
+        else:
+            cu = torch.cat([starts, starts.new_tensor([q_len])]).to(torch.int32)
+            _cu_cache[key] = (cu, int((cu[1:] - cu[:-1]).max()))
+    return _cu_cache[key]
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers attention interface: varlen flash attention for a one-row padding-free batch, sdpa otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    if attention_mask is None and query.shape[0] == 1 and q_len > 1 and key.shape[2] == q_len:
+        seg = _segments(kwargs, q_len)
+        if seg is not None:
+            attend = _varlen_fn() if query.is_cuda and dropout == 0.0 else None
+            if attend is not None:
+                cu, max_len = seg
+                # (1, H, T, D) -> (T, H, D): the projections were laid out (T, H, D), so this is a view
+                q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+                return attend(q, k, v, cu, max_len, scaling).unsqueeze(0), None
+            attention_mask = _block_causal_mask(seg[0], q_len, query.device)  # CPU: a dense mask, still correct
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _block_causal_mask(cu: torch.Tensor, length: int, device) -> torch.Tensor:
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), (cu[1:] - cu[:-1]).to(device).long())
+    pos = torch.arange(length, device=device)
+    return ((seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
+
+
+def _varlen_mask(*args, **kwargs):
+    """No 4D mask where there is no padding mask: the attention keeps packed sequences apart itself (sdpa's mask for
+    a packed row would be a dense T x T tensor). With a padding mask, sdpa's mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> str:
+    """Make `sdpa_varlen` a transformers attention implementation (idempotent); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(VARLEN, varlen_sdpa_attention)
+        AttentionMaskInterface.register(VARLEN, _varlen_mask)
+        _registered = True
+    return VARLEN
+
+
+def varlen_available() -> bool:
+    return torch.cuda.is_available() and _varlen_fn() is not None
+
+
+def set_attention(model, name: str | None) -> str:
+    """Switch model to attention `name` (sdpa_varlen is registered first and falls back to sdpa where PyTorch has no
+    varlen flash attention); returns the implementation in use."""
+    if not name:
+        return model.config._attn_implementation
+    if name == VARLEN:
+        register()
+        if not varlen_available():
+            name = "sdpa"
+    if getattr(model.config, "_attn_implementation", None) != name:
+        try:
+            model.set_attn_implementation(name)
+        except (ValueError, ImportError) as e:  # e.g. flash_attention_2 without the package: keep what loaded
+            print(f"attn_implementation={name} not available ({e}); using {model.config._attn_implementation}",
+                  flush=True)
+    return model.config._attn_implementation
+
+
+def padding_free_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """TRL's collator in padding-free mode: the batch's samples end to end in one row, with position_ids and
+    cu_seq_lens for the varlen attention; labels at each sequence start masked (nothing predicts across a boundary)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def use_padding_free(hardware: Mapping, model=None) -> bool:
+    """Padding-free batches need an attention that keeps the sequences of a row apart: sdpa_varlen or flash."""
+    if not hardware.get("padding_free") or not torch.cuda.is_available() or str(hardware.get("device")) == "cpu":
+        return False
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) if model is not None else \
+        hardware.get("attn_implementation")
+    return attn in (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def prepare_for_training(model, hardware: Mapping):
+    """Apply the hardware node's training kernels to model in place: Liger kernels, per-layer torch.compile."""
+    if str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
+        return model
+    if hardware.get("liger_kernels"):
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            print("hardware.liger_kernels=true but liger-kernel is not installed; training without it", flush=True)
+        else:
+            _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                            fused_linear_cross_entropy=False)
+    if hardware.get("compile"):
+        for layer in _decoder_layers(model):
+            layer.compile(dynamic=None)
+    return model
+
+
+def uncompile(model):
+    """Undo prepare_for_training's compilation (generation after training runs the plain modules)."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return model
+
+
+def _decoder_layers(model):
+    base = getattr(model, "get_base_model", lambda: model)()
+    inner = getattr(base, "model", base)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"hardware.compile: cannot find the decoder layers of {type(base).__name__}")
+    return list(layers)
