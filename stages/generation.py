@@ -144,13 +144,16 @@ class VLLMGenerator(Generator):
                  {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")})
 
     def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
-        params = [self._sampling_params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+        # vLLM refuses n > 1 with greedy decoding: send each prompt n times with n = 1 instead
+        copies, per = (n, 1) if temperature == 0 and n > 1 else (1, n)
+        params = [self._sampling_params(n=per, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                         seed=None if seed is None else seed + i * n, skip_special_tokens=True)
-                  for i in range(len(prompts))]
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        return [[{"text": c.text, "num_tokens": len(c.token_ids),
-                  "finish_reason": "length" if c.finish_reason == "length" else "stop"}
-                 for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
+                  for i in range(len(prompts)) for _ in range(copies)]
+        outputs = self.llm.generate([p for p in prompts for _ in range(copies)], params, use_tqdm=False)
+        samples = [{"text": c.text, "num_tokens": len(c.token_ids),
+                    "finish_reason": "length" if c.finish_reason == "length" else "stop"}
+                   for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

