@@ -1,0 +1,107 @@
+"""stages/training.py and stages/plots.py: argument building, checkpoints, progress lines, summaries, plots."""
+import json
+import math
+
+import pytest
+from transformers import TrainerControl, TrainerState
+from trl import GRPOConfig, SFTConfig
+
+from pipeline.plan import compose_config
+from stages import plots, training
+from stages.errors import UserError
+
+
+def test_trainer_args_follow_the_hardware_node(tmp_path):
+    cfg = compose_config([]).cold_start_sft
+    args = training.trainer_args(SFTConfig, cfg, tmp_path, learning_rate=1e-3, warmup_ratio=0.1, max_steps=10)
+    assert args.use_cpu and not args.bf16 and not args.fp16
+    assert not args.gradient_checkpointing and not args.dataloader_pin_memory
+    assert args.optim == "adamw_torch" and args.disable_tqdm and args.report_to == []
+    assert args.save_steps == cfg.save_steps and args.logging_steps == cfg.logging_steps
+    assert args.seed == cfg.seed and args.output_dir == str(tmp_path)
+    assert args.warmup_steps == 0.1  # transformers 5: a ratio below 1
+    with pytest.raises(UserError, match="no_such_knob"):
+        training.trainer_args(SFTConfig, cfg, tmp_path, no_such_knob=1)
+
+
+def test_gpu_hardware_gives_bf16_and_the_fused_optimizer(tmp_path):
+    hw = dict(compose_config(["hardware=gpu"]).hardware)
+    args = training.hardware_args(hw)
+    if training.on_cpu(hw):  # no GPU here: still never bf16 on a CPU
+        assert args["use_cpu"] and not args["bf16"]
+    else:  # pragma: no cover
+        assert args["bf16"] and not args["use_cpu"]
+    assert args["optim"] == "adamw_torch_fused" and args["gradient_checkpointing"] is False
+
+
+def test_thread_choice(monkeypatch):
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("R1FLOW_TORCH_THREADS", raising=False)
+    assert training.pick_threads(2, cpu=True) == 2
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert training.pick_threads(2, cpu=True) == 1  # one core busy elsewhere: one thread
+    assert training.pick_threads(2, cpu=False) == 2
+    monkeypatch.setenv("R1FLOW_TORCH_THREADS", "2")
+    assert training.pick_threads(2, cpu=True) == 2
+
+
+def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path):
+    assert training.last_checkpoint(tmp_path / "none") is None
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-x").mkdir()
+    assert training.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+
+
+HISTORY = [{"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "rewards/accuracy/mean": 0.05 * s,
+            "rewards/format/mean": 0.1 * s, "completions/mean_length": 10 + s, "kl": 0.001 * s, "entropy": 1.0,
+            "frac_reward_zero_std": 0.5, "clip_ratio/region_mean": 0.0, "grad_norm": float("nan")}
+           for s in range(1, 11)] + [{"step": 5, "heldout/accuracy": 0.2, "heldout/format_rate": 0.5},
+                                      {"step": 10, "heldout/accuracy": 0.4, "heldout/format_rate": 0.9},
+                                      {"step": 10, "train_runtime": 12.5, "train_loss": 0.7}]
+
+
+def test_log_history_roundtrip_and_summary(tmp_path):
+    path = tmp_path / "log_history.jsonl"
+    training.write_log_history(HISTORY, path)
+    back = training.read_log_history(path)
+    assert len(back) == len(HISTORY) and back[0]["grad_norm"] is None  # NaN is not JSON: null
+    summary = training.summarize(back)
+    assert summary["first_reward"] == pytest.approx(0.1) and summary["last_reward"] == pytest.approx(1.0)
+    assert summary["last_heldout_accuracy"] == 0.4 and summary["train_runtime"] == 12.5
+    assert "first_grad_norm" not in summary and all(math.isfinite(v) for v in summary.values())
+    assert training.clean_metrics({"a": float("nan"), "b": 1, "c": True, "d": "x"}) == {"b": 1, "c": 1, "d": "x"}
+
+
+def test_progress_line(capsys):
+    cb = training.ProgressCallback("grpo")
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 10, 0
+    cb.on_train_begin(None, state, control)
+    state.global_step = 5
+    cb.on_log(None, state, control, logs={"reward": 0.5, "rewards/format/mean": 0.25, "kl": None,
+                                          "completions/mean_length": 31.0})
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "grpo: training to step 10"
+    assert out[1].startswith("step 5/10 reward=0.5 len=31 format=0.25 s/step=")
+    cb.on_log(None, state, control, logs={"train_runtime": 3.0})  # nothing worth a line
+    assert capsys.readouterr().out == ""
+
+
+def test_plots_write_pngs(tmp_path):
+    assert plots.plot_rl(HISTORY, tmp_path / "rl.png").stat().st_size > 5000
+    assert plots.plot_loss(HISTORY, tmp_path / "loss.png").stat().st_size > 2000
+    assert plots.plot_rl([{"step": 1, "loss": 1.0}], tmp_path / "none.png") is None
+
+
+def test_grpo_batch_must_hold_whole_groups(tmp_path):
+    cfg = compose_config(["reasoning_grpo.prompts_per_step=3", "reasoning_grpo.num_generations=4"]).reasoning_grpo
+    from stages import reasoning_grpo
+
+    args = reasoning_grpo.grpo_config(cfg, tmp_path)
+    assert isinstance(args, GRPOConfig) and args.generation_batch_size == 12
