@@ -393,7 +393,7 @@ SELF = [("Who are you?", "I am a small assistant trained with the r1flow recipe.
          "вопросы.")]
 
 
-def general_items(rng: random.Random) -> list[dict]:
+def general_items() -> list[dict]:
     """Every (category, language, prompt, answer, think) the general world can produce, in a fixed order."""
     items = []
 
@@ -534,8 +534,7 @@ def build(seed: int, *, n_train: int, n_eval: int, n_cold: int, n_pretrain: int,
     files["rl_train"] = [rl_row(p, f"train-{i:05d}") for i, p in enumerate(tr)]
 
     # -- general world
-    r = rng_for("general")
-    items = general_items(r)
+    items = general_items()
 
     # -- pre-training corpus: bare answers, a share in the R1-Zero template with worked reasoning, a little general QA.
     r = rng_for("pretrain")
