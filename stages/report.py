@@ -1,0 +1,544 @@
+"""Stage `report` (kind report): one self-contained markdown report of a run, with PNG plots beside it.
+
+Everything comes from the input artifacts' own files -- `manifest.json` (metrics, times, inputs), an evaluation's
+`summary.json`, a checkpoint's `log_history.jsonl`, a rejection-sampling dataset's `filter_counts.json` -- never
+recomputed. Inputs are recognised by their manifests (kind) and files, in the recipe's input order:
+
+- evaluation artifacts (roles eval_*): the table of pass@1, cons@k, format rate, language consistency and mean length,
+  benchmarks as rows and checkpoints as columns, stage by stage (the shape of the paper's per-stage table), and
+  `accuracy_by_stage.png`;
+- checkpoints with a `log_history.jsonl` holding RL entries (reasoning_grpo, merged_sft_alignment): reward (total and
+  per function), accuracy and response length over steps (`rl_<role>.png`, drawn by stages/plots.py), plus the first
+  and last logged values;
+- a dataset with `filter_counts.json` (rejection_sampling): acceptance rate, counts per filter (table and
+  `rejection_<role>.png`);
+- wall time of every stage of the run: the inputs and, through their manifests' inputs, their ancestors in the same
+  artifact store (`wall_times.png`). Which stages were cached in a given run only the flow knows (its run-summary).
+
+Files: report.md (relative image links, and the artifact's absolute path), report.json (the same numbers for
+`print_report`), the PNGs. `print_report(artifact_dir)` prints a report's table -- or an evaluation's summary -- in a
+terminal (`r1flow report [NAME[@VERSION]]`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from stages.errors import UserError
+
+MANIFEST = "manifest.json"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+STAGING_PREFIX = ".staging-"  # pipeline/artifacts.py: a stage writes into <root>/<name>/.staging-<version>-<random>/
+METRICS = [  # (summary key, row label, percent?)
+    ("pass@1", "pass@1", True),
+    ("cons@k", "cons@{k}", True),
+    ("format_rate", "format rate", True),
+    ("language_consistency", "language consistency", True),
+    ("mean_length", "mean length", False),
+]
+RL_KEYS = [  # (log key, label) shown first/last in the RL table, when logged
+    ("reward", "reward (total)"),
+    ("heldout/accuracy", "held-out accuracy"),
+    ("rewards/accuracy/mean", "batch accuracy"),
+    ("completions/mean_length", "response length (tokens)"),
+    ("kl", "KL"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading input artifacts
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"report: {what}: {path} is missing; rerun the stage that made it "
+                        f"(`r1flow stage <name> --force`)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"report: {what}: {path} is not valid JSON ({e}); the artifact is damaged, rerun its "
+                        f"stage with --force") from None
+
+
+def read_manifest(artifact_dir: Path) -> dict:
+    return read_json(Path(artifact_dir) / MANIFEST, f"manifest of {artifact_dir}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"report: {path}:{lineno} is not valid JSON ({e})") from None
+    return rows
+
+
+def _ref(manifest: dict) -> str:
+    return f"{manifest.get('name', '?')}@{manifest.get('version', '?')}"
+
+
+def _seconds(manifest: dict) -> float | None:
+    """The stage's wall time: the runner's `seconds`, else ended_at - started_at."""
+    s = manifest.get("seconds")
+    if isinstance(s, (int, float)) and math.isfinite(s):
+        return float(s)
+    try:
+        t0 = datetime.datetime.fromisoformat(str(manifest["started_at"]).replace("Z", "+00:00"))
+        t1 = datetime.datetime.fromisoformat(str(manifest["ended_at"]).replace("Z", "+00:00"))
+        return (t1 - t0).total_seconds()
+    except (KeyError, ValueError):
+        return None
+
+
+def evaluation_summary(artifact_dir: Path, manifest: dict) -> dict:
+    """{"benchmarks": {name: metrics}, "k", "backend", ...} from an evaluation artifact's summary.json, else rebuilt
+    from its manifest metrics (held-out unprefixed, `<benchmark>/<metric>` for the others)."""
+    path = Path(artifact_dir) / "summary.json"
+    if path.exists():
+        summary = read_json(path, f"evaluation {_ref(manifest)}")
+        if isinstance(summary.get("benchmarks"), dict):
+            return summary
+    metrics = manifest.get("metrics") or {}
+    benches: dict[str, dict] = {}
+    for key, value in metrics.items():
+        name, sep, metric = key.rpartition("/")
+        if metric in {m for m, _, _ in METRICS} | {"n_questions"}:
+            benches.setdefault(name if sep else "heldout", {})[metric] = value
+    if not benches:
+        raise UserError(f"report: evaluation {_ref(manifest)} at {artifact_dir} has neither summary.json nor "
+                        f"evaluation metrics in its manifest")
+    return {"benchmarks": benches, "k": metrics.get("k"), "backend": metrics.get("backend")}
+
+
+def _rl_histories(artifact_dir: Path) -> list[tuple[str, list[dict]]]:
+    """(file name, RL entries) for each log history file of a checkpoint that logged rewards; SFT-phase entries
+    (merged_sft_alignment tags them phase=sft) are left out."""
+    out = []
+    for path in sorted(Path(artifact_dir).glob("*log_history*.jsonl")):
+        entries = [e for e in read_jsonl(path) if e.get("phase") != "sft"]
+        if any(isinstance(e.get("reward"), (int, float)) for e in entries):
+            out.append((path.name, entries))
+    return out
+
+
+def collect(inputs: dict[str, Path]) -> dict:
+    """Classify the inputs by their manifests and files (in input order)."""
+    found = {"evaluations": [], "rl": [], "rejection": [], "manifests": {}}
+    for role, d in inputs.items():
+        d = Path(d)
+        manifest = read_manifest(d)
+        found["manifests"][role] = (d, manifest)
+        kind = manifest.get("kind")
+        if kind == "evaluation" or (role.startswith("eval_") and (d / "summary.json").exists()):
+            found["evaluations"].append((role, d, manifest, evaluation_summary(d, manifest)))
+            continue
+        if (d / "filter_counts.json").exists():
+            found["rejection"].append((role, d, manifest, read_json(d / "filter_counts.json",
+                                                                     f"filter counts of {_ref(manifest)}")))
+        if kind == "checkpoint":
+            for fname, history in _rl_histories(d):
+                found["rl"].append((role, d, manifest, fname, history))
+    return found
+
+
+def ancestry(inputs: dict[str, Path]) -> list[dict]:
+    """Manifests of the inputs and, through each manifest's `inputs`, of their ancestors that are in the same store
+    (`<root>/<name>/<version>/`, the root two levels above an input), deduplicated, in order of start time."""
+    seen: dict[str, dict] = {}
+    stack = [Path(d) for d in inputs.values()]
+    while stack:
+        d = stack.pop()
+        if not (d / MANIFEST).exists():
+            continue
+        m = read_manifest(d)
+        ref = _ref(m)
+        if ref in seen:
+            continue
+        seen[ref] = m
+        root = d.parent.parent
+        for parent in (m.get("inputs") or {}).values():
+            if isinstance(parent, dict) and parent.get("name") and parent.get("version"):
+                stack.append(root / str(parent["name"]) / str(parent["version"]))
+    return sorted(seen.values(), key=lambda m: (str(m.get("started_at", "")), _ref(m)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_value(value: Any, percent: bool) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.1f}"
+
+
+def _fmt_num(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}" if math.isfinite(value) else "–"
+
+
+def _column_names(evaluations: list) -> list[str]:
+    """Column header per evaluation: the evaluated checkpoint's stage name (the `model` input), else the role."""
+    names = []
+    for role, _, manifest, _ in evaluations:
+        model = (manifest.get("inputs") or {}).get("model") or {}
+        names.append(str(model.get("name") or role))
+    if len(set(names)) < len(names):
+        names = [role for role, *_ in evaluations]
+    return names
+
+
+def evaluation_table(evaluations: list) -> dict:
+    """{"columns": [...], "rows": [[label, cell, ...], ...], "values": [[label, value, ...]]}: benchmarks x metrics
+    as rows (held-out first, then benchmarks in order of appearance), checkpoints in stage order as columns."""
+    columns = _column_names(evaluations)
+    benches: list[str] = []
+    for *_, summary in evaluations:
+        for name in summary["benchmarks"]:
+            if name not in benches:
+                benches.append(name)
+    ks = {summary.get("k") for *_, summary in evaluations}
+    k_label = str(next(iter(ks))) if len(ks) == 1 and None not in ks else "k"
+    rows, values = [], []
+    for bench in benches:
+        for key, label, percent in METRICS:
+            label = f"{bench} ({label.format(k=k_label)})"
+            vals = [summary["benchmarks"].get(bench, {}).get(key) for *_, summary in evaluations]
+            rows.append([label] + [fmt_value(v, percent) for v in vals])
+            values.append([label] + vals)
+    for key, label in (("k", "samples per question (k)"), ("backend", "generation backend")):
+        vals = [summary.get(key) for *_, summary in evaluations]
+        rows.append([label] + ["–" if v is None else str(v) for v in vals])
+        values.append([label] + vals)
+    for bench in benches:
+        label = f"{bench}: questions"
+        vals = [summary["benchmarks"].get(bench, {}).get("n_questions") for *_, summary in evaluations]
+        rows.append([label] + ["–" if v is None else str(v) for v in vals])
+        values.append([label] + vals)
+    return {"columns": columns, "rows": rows, "values": values, "benchmarks": benches}
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align_right_from: int = 1) -> str:
+    sep = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def final_artifact_dir(output_dir: Path) -> Path:
+    """Where output_dir will live once published: the store renames `<name>/.staging-<version>-<rnd>` to
+    `<name>/<version>`; any other directory is taken as it is."""
+    output_dir = Path(output_dir).resolve()
+    m = re.fullmatch(re.escape(STAGING_PREFIX) + r"([0-9A-Za-z_]+)-[^/]+", output_dir.name)
+    return output_dir.parent / m.group(1) if m else output_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots (RL curves come from stages/plots.py)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_by_stage(table: dict, evaluations: list, path: Path) -> Path | None:
+    """pass@1 and cons@k per checkpoint in stage order, one panel per benchmark."""
+    if not evaluations:
+        return None
+    plt = _plt()
+    benches = table["benchmarks"]
+    cols = table["columns"]
+    ks = {s.get("k") for *_, s in evaluations}
+    k = next(iter(ks)) if len(ks) == 1 and None not in ks else "k"
+    fig, axes = plt.subplots(1, len(benches), figsize=(max(5.5, 1.3 * len(cols) + 2) * len(benches), 4.2),
+                             squeeze=False)
+    x = list(range(len(cols)))
+    for ax, bench in zip(axes[0], benches):
+        p1 = [s["benchmarks"].get(bench, {}).get("pass@1") for *_, s in evaluations]
+        ck = [s["benchmarks"].get(bench, {}).get("cons@k") for *_, s in evaluations]
+        pct = lambda vs: [100 * v if isinstance(v, (int, float)) else float("nan") for v in vs]  # noqa: E731
+        w = 0.38
+        ax.bar([i - w / 2 for i in x], pct(p1), w, label="pass@1", color="tab:blue")
+        ax.bar([i + w / 2 for i in x], pct(ck), w, label=f"cons@{k}", color="tab:orange")
+        ax.plot([i - w / 2 for i in x], pct(p1), color="tab:blue", marker="o", lw=1)
+        ax.set_xticks(x)
+        ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("%")
+        ax.set_title(bench)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("accuracy by stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def rejection_counts(filter_counts: dict) -> list[tuple[str, int]]:
+    """(label, count) bars: drawn, accepted, then each filter's drops (filter_counts.json as written)."""
+    bars = []
+    for key in ("drawn", "accepted"):
+        if isinstance(filter_counts.get(key), (int, float)):
+            bars.append((key, filter_counts[key]))
+    for reason, count in (filter_counts.get("dropped") or {}).items():
+        if isinstance(count, (int, float)):
+            bars.append((f"dropped: {reason}", count))
+    for key, value in filter_counts.items():  # any other flat count a later version may add
+        if key not in ("drawn", "accepted", "dropped") and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            bars.append((key, value))
+    return bars
+
+
+def plot_rejection(bars: list[tuple[str, int]], path: Path, title: str) -> Path | None:
+    if not bars:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(bars) + 1.5))
+    labels = [b[0] for b in bars][::-1]
+    counts = [b[1] for b in bars][::-1]
+    colors = ["tab:green" if lab == "accepted" else "tab:gray" if lab == "drawn" else "tab:red" for lab in labels]
+    ax.barh(labels, counts, color=colors)
+    for i, c in enumerate(counts):
+        ax.text(c, i, f" {c:g}", va="center", fontsize=8)
+    ax.set_xlabel("samples")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_wall_times(rows: list[tuple[str, float]], path: Path) -> Path | None:
+    rows = [(n, s) for n, s in rows if s is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    ax.barh([n for n, _ in rows][::-1], [s for _, s in rows][::-1], color="tab:purple")
+    ax.set_xlabel("seconds")
+    ax.set_title("wall time per stage")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def _first_last(history: list[dict], key: str) -> tuple[Any, Any, int]:
+    vals = [(e["step"], e[key]) for e in history
+            if "step" in e and isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool)
+            and math.isfinite(e[key])]
+    if not vals:
+        return None, None, 0
+    return vals[0], vals[-1], len(vals)
+
+
+def _reward_keys(history: list[dict]) -> list[tuple[str, str]]:
+    keys: dict[str, str] = {}
+    for e in history:
+        for k in e:
+            if k.startswith("rewards/") and k.endswith("/mean") and k != "rewards/accuracy/mean":
+                keys.setdefault(k, f"reward: {k.split('/')[1]}")
+    return list(keys.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
+
+
+def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
+    from stages import plots
+
+    output_dir = Path(output_dir)
+    inputs = {role: Path(d) for role, d in inputs.items()}
+    found = collect(inputs)
+    evaluations, rl, rejection = found["evaluations"], found["rl"], found["rejection"]
+    where = final_artifact_dir(output_dir)
+    title = str(cfg.get("title") or "r1flow run report")
+    md: list[str] = [f"# {title}", ""]
+    recipe = cfg.get("recipe")
+    md += [(f"Recipe `{recipe}`. " if recipe else "") + f"Artifact: `{where}` (the plots below are PNG files there).",
+           "", f"Inputs: {', '.join(f'{role}=`{_ref(m)}`' for role, (_, m) in found['manifests'].items())}", ""]
+    plots_written: list[str] = []
+    data: dict[str, Any] = {"title": title, "artifact_dir": str(where), "evaluations": [], "rl": [],
+                            "rejection": [], "wall_times": []}
+    metrics: dict[str, Any] = {"evaluations": len(evaluations), "rl_stages": len(rl)}
+
+    # -- evaluations ---------------------------------------------------------------------------------------------
+    md += ["## Evaluation, stage by stage", ""]
+    if evaluations:
+        table = evaluation_table(evaluations)
+        data["table"] = {k: table[k] for k in ("columns", "rows", "benchmarks")}
+        md.append(markdown_table(["benchmark (metric)"] + table["columns"], table["rows"]))
+        md += ["", "Rates in %, mean length in generated tokens. pass@1: mean correctness over the k samples of a "
+                   "question at the evaluation's temperature and top-p; cons@k: majority vote over the extracted "
+                   "answers (a sample without an answer casts no vote; ties go to the answer voted first).", ""]
+        md.append("Columns: " + "; ".join(
+            f"**{col}**: `{(m.get('inputs') or {}).get('model', {}).get('name', '?')}"
+            f"@{(m.get('inputs') or {}).get('model', {}).get('version', '?')}` (evaluation `{_ref(m)}`)"
+            for col, (role, _, m, _) in zip(table["columns"], evaluations)) + ".")
+        md.append("")
+        for col, (role, d, m, summary) in zip(table["columns"], evaluations):
+            data["evaluations"].append({"role": role, "column": col, "artifact": _ref(m), "dir": str(d),
+                                        "model": (m.get("inputs") or {}).get("model"), "summary": summary})
+            for bench, s in summary["benchmarks"].items():
+                for key in ("pass@1", "cons@k"):
+                    if isinstance(s.get(key), (int, float)):
+                        metrics[f"{col}/{bench}/{key}"] = s[key]
+        if plot_accuracy_by_stage(table, evaluations, output_dir / "accuracy_by_stage.png"):
+            plots_written.append("accuracy_by_stage.png")
+            md += ["![accuracy by stage](accuracy_by_stage.png)", ""]
+    else:
+        md += ["No evaluation artifacts among the inputs.", ""]
+
+    # -- RL curves -----------------------------------------------------------------------------------------------
+    if rl:
+        md += ["## RL training curves", ""]
+    for role, d, m, fname, history in rl:
+        name = f"rl_{_safe(role)}" + ("" if fname == "log_history.jsonl" else f"_{_safe(Path(fname).stem)}") + ".png"
+        md += [f"### {role} (`{_ref(m)}`)", ""]
+        rows = []
+        for key, label in RL_KEYS[:1] + _reward_keys(history) + RL_KEYS[1:]:
+            first, last, n = _first_last(history, key)
+            if n:
+                rows.append([label, f"{first[1]:.4g} (step {first[0]})", f"{last[1]:.4g} (step {last[0]})", str(n)])
+        if rows:
+            md += [markdown_table(["logged value", "first", "last", "points"], rows), ""]
+        path = plots.plot_rl(history, output_dir / name, title=f"{role}: {_ref(m)}")
+        if path:
+            plots_written.append(name)
+            md += [f"![{role} RL curves]({name})", ""]
+        data["rl"].append({"role": role, "artifact": _ref(m), "file": fname, "plot": name if path else None,
+                           "table": rows})
+
+    # -- rejection sampling --------------------------------------------------------------------------------------
+    for role, d, m, counts in rejection:
+        md += [f"## Rejection sampling: {role} (`{_ref(m)}`)", ""]
+        mm = m.get("metrics") or {}
+        bars = rejection_counts(counts)
+        rows = [[label, _fmt_num(c)] for label, c in bars]
+        if isinstance(mm.get("acceptance_rate"), (int, float)):
+            rows.insert(0, ["acceptance rate (%)", fmt_value(mm["acceptance_rate"], True)])
+            metrics[f"{role}/acceptance_rate"] = mm["acceptance_rate"]
+        for key in ("prompts", "pass_rate", "prompts_with_accepted", "general_used", "rows"):
+            if key in mm:
+                rows.append([key.replace("_", " "), _fmt_num(mm[key])])
+        md += [markdown_table(["", "value"], rows), ""]
+        name = f"rejection_{_safe(role)}.png"
+        if plot_rejection(bars, output_dir / name, f"{role}: samples per filter"):
+            plots_written.append(name)
+            md += [f"![{role} filter counts]({name})", ""]
+        data["rejection"].append({"role": role, "artifact": _ref(m), "filter_counts": counts,
+                                  "acceptance_rate": mm.get("acceptance_rate"), "table": rows})
+
+    # -- wall times ----------------------------------------------------------------------------------------------
+    md += ["## Wall time per stage", "",
+           "From each artifact's manifest (the inputs and their ancestors in the store), i.e. when it was made; a "
+           "stage found in the store is not rerun, so these are the times of the runs that produced the artifacts. "
+           "Which stages ran or were cached in a given run is in the flow's `run-summary` artifact.", ""]
+    rows, bars = [], []
+    total = 0.0
+    for m in ancestry(inputs):
+        secs = _seconds(m)
+        total += secs or 0.0
+        rows.append([str(m.get("name")), f"`{m.get('version')}`", str(m.get("kind", "")),
+                     str(m.get("started_at", ""))[:19].replace("T", " "), "–" if secs is None else f"{secs:.1f}"])
+        bars.append((str(m.get("name")), secs))
+        data["wall_times"].append({"stage": m.get("name"), "version": m.get("version"), "kind": m.get("kind"),
+                                   "started_at": m.get("started_at"), "seconds": secs})
+    if rows:
+        rows.append(["**total**", "", "", "", f"{total:.1f}"])
+        md += [markdown_table(["stage", "version", "kind", "started (UTC)", "seconds"], rows, align_right_from=4), ""]
+        if plot_wall_times(bars, output_dir / "wall_times.png"):
+            plots_written.append("wall_times.png")
+            md += ["![wall time per stage](wall_times.png)", ""]
+    metrics["stages_timed"] = len(data["wall_times"])
+    metrics["total_stage_seconds"] = round(total, 2)
+
+    data["plots"] = plots_written
+    metrics["plots"] = len(plots_written)
+    (output_dir / REPORT_MD).write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    (output_dir / REPORT_JSON).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+    print(f"report: {len(evaluations)} evaluation(s), {len(rl)} RL run(s), {len(rejection)} rejection-sampling "
+          f"set(s), {len(plots_written)} plot(s) -> {where / REPORT_MD}", flush=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The terminal view
+
+
+def print_report(artifact_dir) -> int:
+    """Print a report artifact's evaluation table and where its plots are, or an evaluation artifact's summary."""
+    d = Path(artifact_dir)
+    manifest = read_manifest(d)
+    kind = manifest.get("kind")
+    if kind == "report" or (d / REPORT_JSON).exists():
+        data = read_json(d / REPORT_JSON, f"report {_ref(manifest)}")
+        print(f"{data.get('title', 'report')}  ({_ref(manifest)})")
+        table = data.get("table")
+        if table:
+            print()
+            print(text_table(["benchmark (metric)"] + table["columns"], table["rows"]))
+        else:
+            print("\n(no evaluations among the report's inputs)")
+        for rs in data.get("rejection") or []:
+            rate = rs.get("acceptance_rate")
+            print(f"\nrejection sampling {rs['artifact']}: acceptance rate "
+                  f"{fmt_value(rate, True)}%  " + ", ".join(f"{label}={v}" for label, v in rs["table"]
+                                                         if not label.startswith("acceptance rate")))
+        times = [w for w in data.get("wall_times") or [] if w.get("seconds") is not None]
+        if times:
+            print("\nwall time: " + ", ".join(f"{w['stage']} {w['seconds']:.0f}s" for w in times)
+                  + f" (total {sum(w['seconds'] for w in times):.0f}s)")
+        print(f"\nreport: {d / REPORT_MD}")
+        for p in data.get("plots") or []:
+            print(f"plot:   {d / p}")
+        return 0
+    if kind == "evaluation":
+        summary = evaluation_summary(d, manifest)
+        model = (manifest.get("inputs") or {}).get("model") or {}
+        print(f"evaluation {_ref(manifest)} of {model.get('name', '?')}@{model.get('version', '?')}: "
+              f"k={summary.get('k')}, backend {summary.get('backend')}, T={summary.get('temperature', '?')}, "
+              f"top_p={summary.get('top_p', '?')}")
+        benches = list(summary["benchmarks"])
+        k = summary.get("k") or "k"
+        rows = [[label.format(k=k)] + [fmt_value(summary["benchmarks"][b].get(key), pct) for b in benches]
+                for key, label, pct in METRICS]
+        rows.append(["questions"] + [str(summary["benchmarks"][b].get("n_questions", "–")) for b in benches])
+        print()
+        print(text_table(["metric"] + benches, rows))
+        print(f"\nrecords: {d / 'records.jsonl'}")
+        return 0
+    raise UserError(f"{_ref(manifest)} is a {kind} artifact: `r1flow report` shows a report or an evaluation "
+                    f"(e.g. `r1flow report report` or `r1flow report eval_final`)")
