@@ -312,6 +312,23 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def auto_max_model_len(source: str, revision: str | None, trust: bool, tokenizer, prompts: Sequence[str],
+                       max_tokens: int) -> int | None:
+    """The engine context when evaluate.max_model_len is null: the longest prompt plus max_tokens, capped at the
+    model's max_position_embeddings (a 128k-context model then reserves KV cache for what the evaluation needs only;
+    a 4k model is not asked for more than it has). None when the model config cannot be read (the engine decides)."""
+    try:
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust),
+                        "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 -- an unreadable config is the engine's to report
+        return None
+    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    need = longest + int(max_tokens) + 8  # + special tokens the engine may add (BOS)
+    return min(need, int(limit)) if limit else need
+
+
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     from stages import models, templates
 
@@ -330,7 +347,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
 
     source, revision = models.model_source(inputs["model"])
     trust = bool(cfg.get("trust_remote_code", False))
-    tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=trust) if template == "r1" else None
+    tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=trust)
     prompts = {name: [templates.render_prompt(r["prompt"], template, tokenizer) for r in rows]
                for name, rows in benches.items()}
 
@@ -343,8 +360,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         from stages.generation import open_generator
 
         hardware = dict(cfg.get("hardware") or {})
+        max_model_len = cfg.get("max_model_len") or auto_max_model_len(
+            source, revision, trust, tokenizer, [p for ps in prompts.values() for p in ps], max_tokens)
         with open_generator(source, backend=cfg.get("backend", "auto"), hardware=hardware, seed=seed,
-                            max_model_len=cfg.get("max_model_len"), revision=revision, trust_remote_code=trust) as gen:
+                            max_model_len=max_model_len, revision=revision, trust_remote_code=trust) as gen:
             print(f"evaluate: {len(todo)} shard(s) to generate with {gen.backend} "
                   f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})", flush=True)
             for name, start in todo:
