@@ -198,8 +198,9 @@ def _train(cfg, base_dir: Path, output_dir: Path, work_dir: Path, callbacks) -> 
           f"from {source}; held-out pairwise accuracy before training {before.get('pairwise_accuracy', 0):.3f}",
           flush=True)
     ckpt = work_dir / training.CHECKPOINT_DIR
-    fields = {k: cfg[k] for k in ("num_train_epochs", "max_steps", "per_device_train_batch_size", "learning_rate",
-                                  "lr_scheduler_type", "warmup_ratio", "weight_decay", "center_rewards_coefficient")
+    fields = {k: cfg[k] for k in ("num_train_epochs", "max_steps", "per_device_train_batch_size",
+                                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                                  "weight_decay", "center_rewards_coefficient")
               if cfg.get(k) is not None}
     args = training.trainer_args(RewardConfig, cfg, ckpt, max_length=max_length, dataset_num_proc=None, **fields)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

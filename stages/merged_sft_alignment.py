@@ -1,0 +1,287 @@
+"""Stage `merged_sft_alignment` (recipe r1, stage 4): merged SFT from the BASE model, then alignment RL.
+
+1. Merged SFT (work_dir/sft): TRL SFTTrainer on the stage-3 dataset (inputs["dataset"]/train.jsonl: reasoning
+   samples kept by rejection sampling plus non-reasoning data), starting from inputs["base"] -- the base checkpoint,
+   not the RL one, as in the paper (the RL checkpoint only generated the data). Two epochs by default. The finished
+   SFT model is kept in work_dir/sft/model, so a crash during RL does not redo it.
+2. Alignment RL (work_dir/alignment): TRL GRPOTrainer from the merged-SFT model on a mix of reasoning prompts and
+   general prompts (a `kind` column). Reasoning prompts get the rule rewards (accuracy, format, language consistency,
+   stages/rewards.py); general prompts get the reward models (inputs helpfulness_rm / harmlessness_rm, stage
+   reward_model): helpfulness on the SUMMARY only (the response after </think>; the model never sees the reasoning),
+   harmlessness on the WHOLE response -- each RM's scope comes from its artifact. Every reward returns None for the
+   other kind, and TRL leaves a None out of that row's weighted sum (NaN + nansum; a group is one prompt, so one
+   kind). The paper's schedule: T=0.7, and general data with preference rewards only in the last part of training
+   (alignment.preference_rewards_from, a share of max_steps): the prompts are laid out in that order (reasoning only,
+   then the mix) and read unshuffled, and the RM rewards return None before that step (trainer_state.global_step).
+
+Metrics: the SFT summary (sft_*), the RL log summary, held-out accuracy and format rate before alignment (after SFT:
+before_*) and after (eval_*), and each reward model's mean score on held-out general prompts before and after
+(before_rm_<name> / eval_rm_<name>). The artifact: a plain save_pretrained model (AutoModelForCausalLM, vLLM), the
+RL log_history.jsonl (as the GRPO stage writes it: per step rewards per function, including each reward model's mean
+score, held-out accuracy, length, KL, ...) with rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with
+sft_loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from stages import reward_model, training
+from stages.errors import UserError
+
+RM_INPUTS = {"helpfulness": "helpfulness_rm", "harmlessness": "harmlessness_rm"}  # reward name -> input role
+GENERAL, REASONING = "general", "reasoning"
+SFT_LOG_HISTORY = "sft_log_history.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards
+
+class ForKind:
+    """A reward function applied to the rows of one `kind` only; None (TRL: not applicable) for the others."""
+
+    def __init__(self, fn, kind: str):
+        self.fn, self.kind = fn, kind
+        self.__name__ = self.__qualname__ = getattr(fn, "__name__", repr(fn))
+
+    def __call__(self, completions, kind=None, **kwargs) -> list:
+        n = len(completions)
+        rows = [i for i in range(n) if kind is None or kind[i] == self.kind]
+        out: list = [None] * n
+        if rows:
+            sub = {k: [v[i] for i in rows] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+            for i, r in zip(rows, self.fn(completions=[completions[i] for i in rows], **sub)):
+                out[i] = r
+        return out
+
+
+def rm_reward(name: str, model, tokenizer, *, scope: str, from_step: int = 0, batch_size: int = 64,
+              max_length: int | None = None):
+    """A reward function `name` scoring completions with a sequence-classification reward model (batched, no grad).
+
+    scope `summary`: the RM reads only the part after </think>; `whole`: the entire response. Before step `from_step`
+    (trainer_state.global_step) it returns None. Rows carry their question in the `question` column (else the last
+    user turn of the prompt is used)."""
+    from stages import templates
+
+    def reward(completions, prompts=None, question=None, trainer_state=None, **kwargs) -> list:
+        if trainer_state is not None and trainer_state.global_step < from_step:
+            return [None] * len(completions)
+        texts = [reward_model.view(templates.completion_text(c), scope) for c in completions]
+        questions = question or [_last_user(p) for p in prompts]
+        return reward_model.score(model, tokenizer, list(questions), texts, batch_size=batch_size,
+                                  max_length=max_length)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def _last_user(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+
+
+def reward_functions(acfg, rms: dict, *, from_step: int):
+    """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows, the reward models for general rows."""
+    from stages import rewards
+
+    weights = {str(k): float(v) for k, v in dict(acfg.rewards).items() if float(v) != 0.0}
+    extra = {name: rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
+                             max_length=meta.get("max_length"), batch_size=int(acfg.rm_batch_size))
+             for name, (model, tok, meta) in rms.items()}
+    missing = sorted(set(RM_INPUTS) & set(weights) - set(extra))
+    if missing:
+        raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
+    funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),
+                                                           language=acfg.get("language"))
+    return [ForKind(f, GENERAL if f.__name__ in extra else REASONING) for f in funcs], reward_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+def general_prompts(acfg) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) general prompts: the last acfg.eval_general_prompts rows are held out for the RM scores."""
+    from stages import data
+
+    rows = data.load_rows(acfg.general_prompts_file, ["prompt"], "general_prompts")
+    n_eval = int(acfg.eval_general_prompts)
+    if len(rows) <= n_eval:
+        raise UserError(f"{acfg.general_prompts_file}: {len(rows)} general prompts, but "
+                        f"alignment.eval_general_prompts={n_eval} are held out; lower it or add prompts")
+    return rows[: len(rows) - n_eval], rows[len(rows) - n_eval:]
+
+
+def rl_dataset(acfg, general: list[dict], from_step: int):
+    """The RL prompts in the order they are read: from_step steps of reasoning prompts, then the mix with a
+    general_share of general prompts (shuffled within each part, prompts cycled where a file runs short)."""
+    from datasets import Dataset
+
+    from stages import data, templates
+
+    rng = random.Random(int(acfg.seed))
+    reasoning = data.load_rows(acfg.reasoning_prompts_file, ["prompt", "answer"], "rl_train")
+    rng.shuffle(reasoning)
+    per_step = int(acfg.prompts_per_step) // int(acfg.num_iterations)
+    n_first, n_rest = from_step * per_step, (int(acfg.max_steps) - from_step) * per_step
+    n_general = round(n_rest * float(acfg.general_share)) if general else 0
+    cycle = lambda rows, n, offset=0: [rows[(offset + i) % len(rows)] for i in range(n)]  # noqa: E731
+    first = [_reasoning_row(r, acfg) for r in cycle(reasoning, n_first)]
+    rest = [_reasoning_row(r, acfg) for r in cycle(reasoning, n_rest - n_general, n_first)]
+    rest += [{"prompt": templates.format_prompt(r["prompt"], acfg.template), "question": r["prompt"],
+              "answer": None, "language": r.get("language") or acfg.language, "kind": GENERAL}
+             for r in cycle(rng.sample(general, len(general)), n_general)]
+    rng.shuffle(rest)
+    return Dataset.from_list(first + rest), {"reasoning_prompts": n_first + n_rest - n_general,
+                                             "general_prompts": n_general}
+
+
+def _reasoning_row(r: dict, acfg) -> dict:
+    from stages import templates
+
+    return {"prompt": templates.format_prompt(r["prompt"], acfg.template), "question": r["prompt"],
+            "answer": str(r["answer"]), "language": r.get("language") or acfg.language, "kind": REASONING}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurements before / after alignment
+
+def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, *, template: str, max_new_tokens: int) -> dict:
+    """Greedy responses to held-out general prompts, scored by each reward model in its scope: {name: mean}."""
+    if not prompts or not rms:
+        return {}
+    ids = [training.prompt_ids(tokenizer, r["prompt"], template) for r in prompts]
+    texts = [t for t, _ in training.generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)]
+    questions = [r["prompt"] for r in prompts]
+    out = {}
+    for name, (rm, tok, meta) in rms.items():
+        scores = reward_model.score(rm, tok, questions, [reward_model.view(t, meta["scope"]) for t in texts],
+                                    max_length=meta.get("max_length"))
+        out[name] = sum(scores) / len(scores)
+    print(f"  {questions[0]!r} -> {texts[0]!r}", flush=True)
+    return out
+
+
+def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dict], rms: dict, label: str) -> dict:
+    out = {}
+    if eval_rows:
+        result = training.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
+                                   max_new_tokens=int(cfg.eval_max_new_tokens))
+        out.update({k: v for k, v in result.items() if k != "samples"})
+    out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, template=str(cfg.template),
+                                                   max_new_tokens=int(cfg.eval_max_new_tokens)).items()})
+    print(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
+                                                      if isinstance(v, float)), flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage
+
+def _node(cfg, part: str):
+    """cfg.<part> with the stage-level seed, hardware and language pulled in (what training.* and TRL configs read)."""
+    node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
+    for key in ("seed", "hardware", "language", "template"):
+        node.setdefault(key, cfg.get(key))
+    return OmegaConf.create(node)
+
+
+def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
+    """SFT of the BASE checkpoint on the stage-3 dataset; (model, tokenizer, metrics, log_history). Reuses
+    work_dir/sft/model when a previous attempt finished it."""
+    from stages import distill
+
+    sft_dir = work_dir / "sft"
+    done = sft_dir / "model"
+    if (done / "metrics.json").is_file():
+        print(f"merged_sft_alignment: merged SFT already done ({done})", flush=True)
+        model, tokenizer = training.load_policy(done, cfg.hardware)
+        saved = json.loads((done / "metrics.json").read_text())
+        return model, tokenizer, saved["metrics"], saved["log_history"]
+    scfg = _node(cfg, "sft")
+    model, tokenizer = training.load_policy(inputs["base"], cfg.hardware)
+    dataset, kinds = distill.sft_dataset(inputs["dataset"], scfg.get("max_samples"))
+    print(f"merged_sft_alignment: merged SFT of the base model {inputs['base']} on {len(dataset)} samples {kinds}",
+          flush=True)
+    t0 = time.time()
+    model, trainer = training.sft(scfg, model, tokenizer, dataset, sft_dir, name="merged_sft", callbacks=callbacks,
+                                  **distill.sft_fields(scfg))
+    history = list(trainer.state.log_history)
+    metrics = {**training.summarize(trainer.state.log_history), "train_seconds": time.time() - t0,
+               "samples": len(dataset), **{f"samples_{k}": v for k, v in kinds.items()},
+               "global_step": int(trainer.state.global_step)}
+    training.save_model(model, tokenizer, done)
+    (done / "metrics.json").write_text(json.dumps({"metrics": training.clean_metrics(metrics),
+                                                   "log_history": history}))
+    return model, tokenizer, metrics, history
+
+
+def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
+    from trl import GRPOTrainer
+
+    from stages import plots, reasoning_grpo
+
+    training.setup(cfg)
+    output_dir, work_dir = Path(output_dir), Path(work_dir)
+    if "base" not in inputs:
+        raise UserError("merged_sft_alignment needs input `base` (the base checkpoint: the merged SFT starts from it, "
+                        "not from the RL checkpoint); see conf/recipe/r1.yaml")
+    acfg = _node(cfg, "alignment")
+    reasoning_grpo.check_vllm(acfg)
+    max_steps = int(acfg.max_steps)
+    from_step = int(round(float(acfg.preference_rewards_from) * max_steps))
+
+    model, tokenizer, sft_metrics, sft_history = merged_sft(cfg, inputs, work_dir, callbacks)
+    metrics: dict = {f"sft_{k}": v for k, v in sft_metrics.items()}
+
+    weights = {str(k) for k, v in dict(acfg.rewards).items() if float(v) != 0.0}
+    rms = {name: reward_model.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items()
+           if name in weights and role in inputs}
+    general_train, general_eval = general_prompts(acfg)
+    eval_rows = training.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="rl_eval") \
+        if int(cfg.eval_samples or 0) > 0 else []
+    before_file = work_dir / "sft" / "model" / "before_alignment.json"
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = measure(model, tokenizer, cfg, eval_rows, general_eval, rms, "before alignment (merged SFT)")
+        before_file.write_text(json.dumps(before))
+    metrics.update({f"before_{k}": v for k, v in before.items()})
+
+    funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step)
+    dataset, counts = rl_dataset(acfg, general_train, from_step)
+    metrics.update({f"rl_{k}": v for k, v in counts.items()})
+    acfg = OmegaConf.merge(acfg, {"shuffle": False})  # the prompts' order is the schedule (see rl_dataset)
+    ckpt = work_dir / "alignment" / training.CHECKPOINT_DIR
+    args = reasoning_grpo.grpo_config(acfg, ckpt, list(reward_weights))
+    print(f"merged_sft_alignment: alignment RL, {counts}, rewards {dict(acfg.rewards)}, preference rewards from step "
+          f"{from_step}/{max_steps}, G={args.num_generations} x {acfg.prompts_per_step} prompts/step, "
+          f"T={args.temperature}, beta={args.beta}, loss={args.loss_type}", flush=True)
+    extra = [training.ProgressCallback("alignment")]
+    if eval_rows and int(acfg.get("eval_steps") or 0) > 0:
+        extra.append(training.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
+                                                  every=int(acfg.eval_steps),
+                                                  max_new_tokens=int(cfg.eval_max_new_tokens)))
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[*extra, *(callbacks or [])])
+    trainer.remove_callback(training._printer_callback())
+    t0 = time.time()
+    trainer.resumed_from = training.train(trainer, ckpt)
+    metrics["train_seconds"] = time.time() - t0
+    metrics["preference_rewards_from_step"] = from_step
+    metrics.update(training.finish(output_dir, trainer.model, tokenizer, trainer, rl=True))
+    training.write_log_history(sft_history, output_dir / SFT_LOG_HISTORY)
+    plots.plot_loss(sft_history, output_dir / "sft_loss.png", title="merged SFT loss")
+
+    after = measure(trainer.model, tokenizer, cfg, eval_rows, general_eval, rms, "after alignment")
+    metrics.update({f"eval_{k}": v for k, v in after.items()})
+    for key in ("accuracy", *(f"rm_{n}" for n in rms)):
+        if key in before and key in after:
+            metrics[f"delta_{key}"] = after[key] - before[key]
+    return training.clean_metrics(metrics)
