@@ -328,12 +328,13 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     general = load_rows(cfg["general_sft_file"], required=("messages",), name="rejection_sampling.general_sft_file")
 
     source, revision = model_source(inputs["model"])
-    tokenizer = load_tokenizer(source, revision=revision)
+    trust = bool(cfg.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust)
     prompts = [render_prompt(str(r["prompt"]), template, tokenizer) for r in rows]
     think_prefilled = all(p.rstrip().endswith("<think>") for p in prompts)  # a chat template that opens the block
 
     with open_generator(source, revision=revision, backend=cfg.get("backend", "auto"), hardware=hardware, seed=seed,
-                        max_model_len=cfg.get("max_model_len")) as gen:
+                        max_model_len=cfg.get("max_model_len"), trust_remote_code=trust) as gen:
         backend = gen.backend
         log.info("rejection sampling: %d prompts x %d samples with %s", len(rows), n, backend)
         results, gen_stats = generate_shards(gen, rows, prompts, work_dir, shard_size=int(cfg["shard_size"]), n=n,
