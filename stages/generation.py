@@ -118,6 +118,12 @@ class VLLMGenerator(Generator):
         if _on_gpu(hardware):
             import torch
 
+            # Under `accelerate launch` (hardware=multi_gpu) the caller is rank 0 of a torch.distributed job and the
+            # other ranks stand by; vLLM builds its own process group over the GPUs, so hide the launcher's one.
+            for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                        "MASTER_PORT"):
+                os.environ.pop(var, None)
+
             tp = vcfg.get("tensor_parallel_size", 1)
             kwargs["tensor_parallel_size"] = torch.cuda.device_count() if tp in ("auto", None) else int(tp)
             kwargs["gpu_memory_utilization"] = float(vcfg.get("gpu_memory_utilization", 0.9))
