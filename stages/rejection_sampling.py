@@ -256,7 +256,8 @@ def parse_verdict(text: str) -> bool | None:
     return None if m is None else m.group(1) == "yes"
 
 
-def judge_verdicts(judge_gen, items: list[tuple[str, str]], *, tokenizer=None, max_tokens: int = 8) -> list[bool | None]:
+def judge_verdicts(judge_gen, items: list[tuple[str, str]], *, tokenizer=None,
+                   max_tokens: int = 8) -> list[bool | None]:
     """Judge (reference, response summary) pairs with a generator: greedy, one sample each."""
     if not items:
         return []

@@ -146,8 +146,8 @@ def test_vllm_generate(vllm_generator, tiny_model):
 
     rows = [{"id": f"p{i}", "prompt": f"{i} + 1 = ?", "answer": str(i + 1)} for i in range(5)]
     work = tiny_model.parent / "rs_work"
-    shards, counts = rs.generate_shards(gen, rows, [r["prompt"] for r in rows], work, shard_size=2, n=2, temperature=1.0,
-                                top_p=0.95, max_tokens=10, seed=0)
+    shards, counts = rs.generate_shards(gen, rows, [r["prompt"] for r in rows], work, shard_size=2, n=2,
+                                        temperature=1.0, top_p=0.95, max_tokens=10, seed=0)
     assert [r["prompt_id"] for r in shards] == [r["id"] for r in rows]
     assert all(len(r["samples"]) == 2 for r in shards)
     assert counts == {"shards_total": 3, "shards_resumed": 0, "shards_generated": 3}

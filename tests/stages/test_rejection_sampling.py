@@ -289,8 +289,8 @@ def test_stage_filters_merges_and_writes_the_artifact(tmp_path, monkeypatch, mod
     reasoning = [r for r in train if r["kind"] == "reasoning"]
     assert len(reasoning) == 6 and sum(r["kind"] == "general" for r in train) == 2
     r0 = next(r for r in reasoning if r["prompt_id"] == "p0")
-    assert r0["messages"] == [{"role": "user", "content": "0+1?"},
-                              {"role": "assistant", "content": "<think>\n0 plus 1 is 1\n</think>\n<answer> 1 </answer>"}]
+    response = "<think>\n0 plus 1 is 1\n</think>\n<answer> 1 </answer>"
+    assert r0["messages"] == [{"role": "user", "content": "0+1?"}, {"role": "assistant", "content": response}]
     assert r0["answer"] == "1" and r0["language"] == "en"
     assert set(json.loads((out / "schema.json").read_text())["columns"]) == set(train[0])
     stats = [json.loads(x) for x in (out / "prompt_stats.jsonl").read_text().splitlines()]
