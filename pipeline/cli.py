@@ -52,7 +52,12 @@ def _parse(argv):
     p = sub.add_parser("report")
     p.add_argument("ref", nargs="?", default="report", help="a report or evaluation artifact (NAME[@VERSION])")
     p.add_argument("overrides", nargs="*")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # An optional positional ref followed by overrides: `r1flow report artifacts_root=X` has no ref.
+    if getattr(args, "ref", None) and "=" in args.ref:
+        args.overrides.insert(0, args.ref)
+        args.ref = "report" if args.command == "report" else None
+    return args
 
 
 def cmd_status(overrides) -> int:
@@ -64,6 +69,19 @@ def cmd_status(overrides) -> int:
     for stage in plan(cfg):
         print(f"  {stage.name:<24} {stage.version}  {stage_status(root, stage)}")
     return 0
+
+
+def _resolve(root: str, ref: str) -> tuple[str, str]:
+    """NAME@VERSION, or NAME for its latest complete version."""
+    from pipeline import artifacts
+    from stages.errors import UserError
+
+    name, version = artifacts.parse_ref(ref)
+    version = version or artifacts.latest(root, name)
+    if version is None:
+        raise UserError(f"no complete '{name}' artifact in {root}: run `make pipeline` (or `r1flow stage {name}`) "
+                        f"first, or pass artifacts_root=... if your run used another store")
+    return name, version
 
 
 def cmd_artifacts(action, ref, overrides) -> int:
@@ -82,8 +100,7 @@ def cmd_artifacts(action, ref, overrides) -> int:
         return 0
     if not ref:
         raise SystemExit(f"usage: r1flow artifacts {action} NAME[@VERSION]")
-    name, version = artifacts.parse_ref(ref)
-    version = version or artifacts.latest(root, name)
+    name, version = _resolve(root, ref)
     if action == "show":
         print(json.dumps(artifacts.read_manifest(root, name, version), indent=2))
     else:
@@ -125,8 +142,7 @@ def main(argv=None) -> int:
             from pipeline import artifacts
 
             root = artifacts_root(compose_config(args.overrides))
-            name, version = artifacts.parse_ref(args.ref)
-            version = version or artifacts.latest(root, name)
+            name, version = _resolve(root, args.ref)
             return print_report(artifacts.load(root, name, version))
         only = args.name if args.command == "stage" else None
         _preflight(args.overrides, only)

@@ -66,12 +66,21 @@ def _project_path(value: str) -> str:
 
 
 def stage_config(cfg: DictConfig, name: str, spec: DictConfig) -> dict:
+    """The stage's config node, with the recipe entry's `overrides` (e.g. eval_base evaluates with the template the
+    base model was pre-trained on) merged on top."""
     key = spec.get("config") or name
     node = OmegaConf.select(cfg, key)
-    if node is None:
+    if not isinstance(node, DictConfig):
         raise UserError(f"recipe '{cfg.recipe.name}': stage '{name}' reads config key '{key}', which does not exist; "
                         f"add conf/{key.split('.')[0]}/default.yaml or fix recipe.stages.{name}.config")
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {"value": node}
+    overrides = spec.get("overrides")
+    if overrides:
+        unknown = set(overrides) - set(node)
+        if unknown:
+            raise UserError(f"recipe.stages.{name}.overrides sets {sorted(unknown)}, which '{key}' does not have "
+                            f"(its keys: {', '.join(node)})")
+        node = OmegaConf.merge(node, overrides)
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def file_fingerprints(config: dict) -> dict[str, str]:

@@ -50,3 +50,8 @@ def test_status_lists_every_stage_as_missing(capsys, tmp_path):
 def test_config_prints_the_composed_config(capsys):
     code, out, _ = run_cli(capsys, "config", "model=qwen2.5-math-1.5b")
     assert code == 0 and "source: Qwen/Qwen2.5-Math-1.5B" in out and "epsilon: 10.0" in out
+
+
+def test_report_takes_overrides_without_a_ref(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "report", f"artifacts_root={tmp_path}")
+    assert code == 2 and f"no complete 'report' artifact in {tmp_path}" in err

@@ -98,3 +98,15 @@ def test_rerunning_one_stage_needs_its_inputs_in_the_store(tmp_path):
     cfg = compose_config([f"artifacts_root={tmp_path}"])
     with pytest.raises(UserError, match="needs input 'model' from stage 'base'"):
         plan(cfg, latest_inputs_for="cold_start_sft")
+
+
+def test_recipe_entry_overrides_reach_only_that_stage(tmp_path):
+    stages = {s.name: s for s in plan(compose_config([f"artifacts_root={tmp_path}"]))}
+    assert stages["eval_base"].config["template"] == "r1_zero"
+    assert stages["eval_cold_start_sft"].config["template"] == "r1"
+
+
+def test_override_of_an_unknown_key_is_refused(tmp_path):
+    cfg = compose_config([f"artifacts_root={tmp_path}", "+recipe.stages.eval_base.overrides.tempalte=x"])
+    with pytest.raises(UserError, match="tempalte"):
+        plan(cfg)
