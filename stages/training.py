@@ -113,9 +113,16 @@ def hardware_args(hardware: Mapping) -> dict:
         use_cpu=cpu,
         optim=str(hardware.get("optim") or "adamw_torch"),
         gradient_checkpointing=bool(hardware.get("gradient_checkpointing", False)),
-        dataloader_pin_memory=False,
-        dataloader_num_workers=0,
+        dataloader_pin_memory=not cpu,
+        dataloader_num_workers=0 if cpu else int(hardware.get("dataloader_workers") or 0),
     )
+    if hardware.get("liger_kernels") and not cpu:  # sft() turns it off where it compiles the layers instead
+        from stages import gpu
+
+        if gpu.liger_available():
+            args["use_liger_kernel"] = True
+        else:
+            print("hardware.liger_kernels=true but liger-kernel is not installed: training without it", flush=True)
     if hardware.get("fsdp"):
         args["fsdp"] = hardware["fsdp"]
     return args
@@ -165,12 +172,9 @@ def load_policy(model_dir: str | Path, hardware: Mapping):
     model = models.load_model(source, revision=revision, trust_remote_code=False, dtype=model_dtype(hardware),
                               device=device)
     tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=False)
-    attn = hardware.get("attn_implementation")
-    if attn and getattr(model.config, "_attn_implementation", None) != attn:
-        try:
-            model.set_attn_implementation(attn)
-        except (ValueError, ImportError) as e:  # e.g. flash_attention_2 not installed: keep what loaded
-            print(f"attn_implementation={attn} not available ({e}); using {model.config._attn_implementation}")
+    from stages import gpu
+
+    gpu.set_attention(model, hardware.get("attn_implementation"))  # sdpa_varlen: registered here, sdpa on CPU
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -494,12 +498,23 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     if "text" in dataset.column_names and "messages" not in dataset.column_names:
         knobs["assistant_only_loss"] = False
     ckpt = Path(work_dir) / CHECKPOINT_DIR
+    # GPU (conf/hardware/gpu.yaml, stages/gpu.py): padding-free batches through varlen attention, compiled layers
+    from stages import gpu
+
+    hardware = cfg.get("hardware") or {}
+    collator = gpu.padding_free_collator(tokenizer) if not knobs.get("packing") and \
+        gpu.use_padding_free(hardware, model) else None
+    if gpu.compile_for_training(model, hardware):
+        knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=lora_config(cfg.get("lora")),
+                         data_collator=collator, peft_config=lora_config(cfg.get("lora")),
                          callbacks=[ProgressCallback(name), *(callbacks or [])])
     trainer.remove_callback(_printer_callback())
-    trainer.resumed_from = train(trainer, ckpt)
+    try:
+        trainer.resumed_from = train(trainer, ckpt)
+    finally:
+        gpu.uncompile(model)  # generation and saving afterwards run the plain modules
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
         model = model.merge_and_unload()
