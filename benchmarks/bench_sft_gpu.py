@@ -183,16 +183,54 @@ def summarize_profile(prof, wall, steps, name) -> dict:
         busy += dev
         cls = _kernel_class(evt.key)
         classes[cls] = classes.get(cls, 0.0) + dev
-    try:
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
-        (OUT / f"profile_{name}.txt").write_text(table)
+    busy_s = busy / 1e6
+    gaps = idle_gaps(prof, name)
+    try:  # one file per profiled variant: kernels by GPU time, ops by CPU time, the largest GPU idle gaps
+        text = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+        text += "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40,
+                                                     max_name_column_width=90)
+        text += "\n\n" + json.dumps(gaps.pop("_all_largest", []), indent=1)
+        (OUT / f"profile_{name}.txt").write_text(text)
     except Exception as e:  # pragma: no cover
         print("profile table:", e)
-    busy_s = busy / 1e6
     out = {"wall_per_step_s": round(wall / steps, 4), "gpu_busy_per_step_s": round(busy_s / steps, 4),
            "gpu_busy_frac": round(busy_s / wall, 3),
-           "kernel_split": {k: round(v / busy, 3) for k, v in sorted(classes.items(), key=lambda x: -x[1])}}
+           "kernel_split": {k: round(v / busy, 3) for k, v in sorted(classes.items(), key=lambda x: -x[1])},
+           "idle": gaps}
     print(f"[{name}] profile: {json.dumps(out)}", flush=True)
+    return out
+
+
+def idle_gaps(prof, name, top=25) -> dict:
+    """Where the GPU waits: the gaps between kernels, bucketed by length, and the largest ones with the CPU ops
+    running at their midpoint (outermost and innermost), so a sync or a slow host step shows by name."""
+    from torch.autograd import DeviceType
+
+    evts = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in evts if e.device_type == DeviceType.CUDA)
+    if not kernels:
+        return {}
+    gaps, end = [], kernels[0][1]
+    for s, e in kernels[1:]:
+        if s > end:
+            gaps.append((end, s))
+        end = max(end, e)
+    buckets = {"<10us": 0.0, "10-100us": 0.0, "0.1-1ms": 0.0, ">1ms": 0.0}
+    for a, b in gaps:
+        d = b - a
+        key = "<10us" if d < 10 else "10-100us" if d < 100 else "0.1-1ms" if d < 1000 else ">1ms"
+        buckets[key] += d / 1e3
+    cpu = [e for e in evts if e.device_type == DeviceType.CPU]
+    largest = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        mid = (a + b) / 2
+        cover = sorted((e for e in cpu if e.time_range.start <= mid <= e.time_range.end),
+                       key=lambda e: e.time_range.end - e.time_range.start)
+        largest.append({"ms": round((b - a) / 1e3, 2), "inner": cover[0].name if cover else "(python)",
+                        "outer": cover[-1].name if cover else "(python)"})
+    out = {"total_ms": round(sum(b - a for a, b in gaps) / 1e3, 1), "n": len(gaps),
+           "ms_by_gap_size": {k: round(v, 1) for k, v in buckets.items()}, "largest": largest[:10]}
+    out["_all_largest"] = largest
     return out
 
 
@@ -230,7 +268,9 @@ def run_trl(name, ds, peak, *, batch=8, attn=None, padding_free=False, liger=Fal
     n_params = sum(p.numel() for p in m.parameters())
     if attn:
         gpu.set_attention(m, attn)
-    gpu.prepare_for_training(m, {"device": "cuda", "liger_kernels": liger, "compile": compile})
+    if liger:
+        gpu.apply_liger(m)
+    gpu.compile_for_training(m, {"device": "cuda", "compile": compile})
     meter = Meter(name, profile)
     args = SFTConfig(output_dir=str(OUT / f"ckpt_{name}"), report_to=[], save_strategy="no", logging_steps=1000,
                      max_steps=WARM + TIMED + (PROFILED if profile else 0), learning_rate=1e-4, bf16=True,
@@ -256,7 +296,9 @@ def run_raw(name, ds, peak, *, batch=32, compile=True, liger=False, profile=Fals
     m = build_model().cuda()
     n_params = sum(p.numel() for p in m.parameters())
     gpu.set_attention(m, gpu.VARLEN)
-    gpu.prepare_for_training(m, {"device": "cuda", "liger_kernels": liger, "compile": compile})
+    if liger:
+        gpu.apply_liger(m)
+    gpu.compile_for_training(m, {"device": "cuda", "compile": compile})
     add_fused_lm_head(m, outputs=("log_probs",))
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)

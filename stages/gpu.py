@@ -9,10 +9,12 @@
 - `padding_free: true` (`padding_free_collator`): SFT batches are flattened into that one row instead of padded to the
   longest sample. The samples per step, the loss and its normalisation (mean over the batch's completion tokens) stay
   what they are with padding: it changes how the step computes, not what (hardware stays out of stage versions).
-- `liger_kernels: true` (`prepare_for_training`): Liger's Triton RMSNorm, SwiGLU and RoPE (the LM head and loss are
-  TRL's own fused, chunked head already).
-- `compile: true`: `torch.compile` of each decoder layer for training (regional compilation: one graph reused by all
-  layers, seconds to compile, no graph break at the LM head); `uncompile()` returns the plain modules for generation.
+- `compile: true` (`compile_for_training`, SFT stages): `torch.compile` of each decoder layer for training (regional
+  compilation: one graph reused by all layers, compiled once, no graph break at the LM head); `uncompile()` returns
+  the plain modules for generation afterwards.
+- `liger_kernels: true`: Liger's Triton RMSNorm, SwiGLU and RoPE (TRL `use_liger_kernel`) for the trainers that are not
+  compiled (GRPO, reward models: they also generate or score with the model). The LM head and loss are TRL's own fused,
+  chunked head either way.
 """
 
 from __future__ import annotations
@@ -164,36 +166,53 @@ def use_padding_free(hardware: Mapping, model=None) -> bool:
     return attn in (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def prepare_for_training(model, hardware: Mapping):
-    """Apply the hardware node's training kernels to model in place: Liger kernels, per-layer torch.compile."""
-    if str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
-        return model
-    if hardware.get("liger_kernels"):
-        try:
-            from liger_kernel.transformers import _apply_liger_kernel_to_instance
-        except ImportError:
-            print("hardware.liger_kernels=true but liger-kernel is not installed; training without it", flush=True)
-        else:
-            _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                            fused_linear_cross_entropy=False)
-    if hardware.get("compile"):
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_liger(model) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE on model in place (what TRL's use_liger_kernel applies at trainer start)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def compile_for_training(model, hardware: Mapping) -> bool:
+    """hardware.compile: true / "layers" compiles each decoder layer (regional: one graph for all of them, compiled
+    once), "backbone" the whole decoder stack as one graph. The LM head stays TRL's fused, chunked head. Returns
+    whether anything was compiled (on CPU never)."""
+    mode = hardware.get("compile")
+    if not mode or str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
+        return False
+    if mode is True or mode == "layers":
         for layer in _decoder_layers(model):
-            layer.compile(dynamic=None)
-    return model
+            layer.compile()
+    elif mode == "backbone":
+        _backbone(model).compile()
+    else:
+        raise ValueError(f"hardware.compile={mode!r}: use false, true (= layers), layers or backbone")
+    return True
 
 
 def uncompile(model):
-    """Undo prepare_for_training's compilation (generation after training runs the plain modules)."""
+    """Undo compile_for_training (generation after training runs the plain modules)."""
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
     return model
 
 
+def _backbone(model):
+    base = getattr(model, "get_base_model", lambda: model)()
+    return getattr(base, "model", base)
+
+
 def _decoder_layers(model):
     base = getattr(model, "get_base_model", lambda: model)()
-    inner = getattr(base, "model", base)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(_backbone(model), "layers", None)
     if layers is None:
         raise ValueError(f"hardware.compile: cannot find the decoder layers of {type(base).__name__}")
     return list(layers)
