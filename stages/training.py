@@ -99,9 +99,9 @@ def on_cpu(hardware: Mapping) -> bool:
     return str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available()
 
 
-def model_dtype(hardware: Mapping) -> torch.dtype:
+def model_dtype(hardware: Mapping) -> str:
     """Weights in bf16 where the hardware trains in bf16 (GPU), fp32 on CPU."""
-    return torch.bfloat16 if hardware.get("bf16") and not on_cpu(hardware) else torch.float32
+    return "bfloat16" if hardware.get("bf16") and not on_cpu(hardware) else "float32"
 
 
 def hardware_args(hardware: Mapping) -> dict:
@@ -205,10 +205,21 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
 def train(trainer, checkpoint_dir: str | Path) -> int:
     """trainer.train(), resumed from the last complete checkpoint in checkpoint_dir (model, optimizer, scheduler, RNG,
     step). Returns the global step it resumed from (0 for a fresh start)."""
+    from transformers import TrainerState
+
     checkpoint = last_checkpoint(checkpoint_dir)
     start = 0
     if checkpoint:
-        start = int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0))
+        state_file = Path(checkpoint) / "trainer_state.json"
+        saved = json.loads(state_file.read_text())
+        start = int(saved.get("global_step", 0))
+        if saved.get("max_steps") and start >= int(saved["max_steps"]):
+            # Training had finished (the crash came later, e.g. while saving the artifact): Trainer would run one
+            # more step on a resume at max_steps, so load the final weights and state instead.
+            print(f"training had finished at {checkpoint}; loading it", flush=True)
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(str(state_file))
+            return start
         print(f"resuming from {checkpoint} (global_step {start})", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
     return start
