@@ -223,15 +223,15 @@ def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
+    if "base" not in inputs:
+        raise UserError("merged_sft_alignment needs input `base` (the base checkpoint: the merged SFT starts from it, "
+                        "not from the RL checkpoint); see conf/recipe/r1.yaml")
     from trl import GRPOTrainer
 
     from stages import plots, reasoning_grpo
 
     training.setup(cfg)
     output_dir, work_dir = Path(output_dir), Path(work_dir)
-    if "base" not in inputs:
-        raise UserError("merged_sft_alignment needs input `base` (the base checkpoint: the merged SFT starts from it, "
-                        "not from the RL checkpoint); see conf/recipe/r1.yaml")
     acfg = _node(cfg, "alignment")
     reasoning_grpo.check_vllm(acfg)
     max_steps = int(acfg.max_steps)

@@ -1,0 +1,65 @@
+"""Recipe `distill`: SFT of the student on a stage-3 dataset of this run or pinned by version from an earlier one."""
+import json
+import math
+import shutil
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from pipeline.plan import compose_config, plan
+from stages import distill
+from stages.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """The size=smoke base checkpoint as the student, built once per test session (shared with the stage-4 tests)."""
+    from stages import base
+
+    out = tmp_path_factory.getbasetemp() / "stage4_smoke_base"
+    if not (out / "config.json").exists():
+        staging = tmp_path_factory.mktemp("stage4_smoke_base_staging")
+        base.run(compose_config(["size=smoke", "base.eval_samples=0"]).base, {}, staging,
+                 tmp_path_factory.mktemp("stage4_smoke_base_work"))
+        shutil.move(str(staging), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage3_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage3")
+    rows = [{"messages": json.loads(line)["messages"], "kind": "reasoning"}
+            for line in open("data/arith/cold_start.jsonl").readlines()[:40]]
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_plan_student_and_dataset_inputs_and_a_pinned_dataset():
+    stages = {s.name: s for s in plan(compose_config(["recipe=distill"]))}
+    assert stages["distill"].inputs == {"model": "student_base", "dataset": "rejection_sampling"}
+    assert stages["student_base"].config["model"]["name"] == "tiny_student"
+    assert stages["distill"].input_versions["dataset"] == stages["rejection_sampling"].version
+    pinned = {s.name: s for s in plan(compose_config(["recipe=distill", "+recipe.pins.rejection_sampling=abc123"]))}
+    assert pinned["rejection_sampling"].pinned and pinned["distill"].input_versions["dataset"] == "abc123"
+    assert pinned["distill"].version != stages["distill"].version
+
+
+def test_smoke_run_trains_the_student_on_the_dataset(student, stage3_dataset, tmp_path):
+    cfg = compose_config(["recipe=distill", "size=smoke"]).distill
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = distill.run(cfg, {"model": student, "dataset": stage3_dataset}, out, tmp_path / "work")
+    AutoModelForCausalLM.from_pretrained(out)
+    assert metrics["samples"] == metrics["samples_reasoning"] == 40
+    assert metrics["global_step"] == cfg.max_steps
+    for key in ("first_loss", "last_loss", "before_accuracy", "eval_accuracy", "eval_format_rate"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["last_loss"] < metrics["first_loss"]
+
+
+def test_not_a_dataset_artifact_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="train.jsonl"):
+        distill.sft_dataset(tmp_path)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(UserError, match="assistant"):
+        distill.sft_dataset(tmp_path)
