@@ -513,6 +513,7 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     from stages import gpu
 
     hardware = cfg.get("hardware") or {}
+    gpu.set_attention(model, hardware.get("attn_implementation"))  # models built in-stage (base) too
     collator = gpu.padding_free_collator(tokenizer) if not knobs.get("packing") and \
         gpu.use_padding_free(hardware, model) else None
     if gpu.compile_for_training(model, hardware):
