@@ -8,6 +8,8 @@ The shape is ../shared/bench/gpu_sft_anchor.py's: a random-init Qwen3 of 0.37B p
     python benchmarks/bench_sft_gpu.py             # project: TRL defaults vs stages.training.sft with hardware=gpu
     python benchmarks/bench_sft_gpu.py explore     # the variants that chose conf/hardware/gpu.yaml's settings
     python benchmarks/bench_sft_gpu.py explore pf_b32 raw_compile_b32   # some of them
+    python benchmarks/bench_sft_gpu.py project trl_defaults project_b32 project_b32_backbone  # named variants
+    python benchmarks/bench_sft_gpu.py grpo        # reasoning_grpo's run() on random_300m: generation/training split
 
 `project` runs exactly what cold_start_sft runs (stages.training.load_policy + stages.training.sft on the stage's
 composed config with hardware=gpu); only the data (random tokens) and the step budget are the benchmark's. Results go
@@ -398,23 +400,23 @@ def project_cfg(overrides=()):
     return OmegaConf.create(OmegaConf.to_container(cfg.cold_start_sft, resolve=True))
 
 
-def run_project(name, ds, peak, model_dir, *, batch, profile=False):
-    """stages.training.load_policy + stages.training.sft exactly as cold_start_sft calls them (hardware=gpu)."""
+def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False):
+    """stages.training.load_policy + stages.training.sft exactly as cold_start_sft calls them (hardware=gpu, plus
+    `hardware` overrides such as hardware.compile=backbone)."""
+    from trl import SFTTrainer
+
     from stages import training
 
     cfg = project_cfg([f"cold_start_sft.per_device_train_batch_size={batch}", "cold_start_sft.max_length=2048",
                        "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
                        "cold_start_sft.warmup_ratio=0.0", "cold_start_sft.logging_steps=1000",
-                       "cold_start_sft.save_steps=100000"])
+                       "cold_start_sft.save_steps=100000", *hardware])
     training.setup(cfg)
     model, tok = training.load_policy(model_dir, cfg.hardware)
     n_params = sum(p.numel() for p in model.parameters())
     meter = Meter(name, profile)
     work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
-
     # Count the tokens of the trainer that sft() builds: wrap its training_step as it is constructed.
-    from trl import SFTTrainer
-
     orig_init = SFTTrainer.__init__
 
     def patched_init(self, *a, **k):
@@ -432,33 +434,129 @@ def run_project(name, ds, peak, model_dir, *, batch, profile=False):
     r = _result(name, meter, n_params, peak, {"attn": model.config._attn_implementation,
                                                 "gc": bool(a.gradient_checkpointing), "optim": str(a.optim),
                                                 "batch": batch, "hardware": {k: cfg.hardware.get(k) for k in (
-                                                    "padding_free", "liger_kernels", "compile")}})
+                                                    "padding_free", "compile", "liger_kernels",
+                                                    "dataloader_workers")}})
     del trainer, model
     return r
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO: the reasoning_grpo stage's own run() on a ~300M model (conf/model/random_300m.yaml), with timers around
+# generation, scoring and the whole step
+
+GRPO_STEPS, GRPO_SKIP = 6, 2
+
+
+def run_grpo(name, hardware=(), base=("hardware=gpu", "model=random_300m")):
+    from omegaconf import OmegaConf
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from pipeline.plan import compose_config
+    from stages import data as data_mod
+    from stages import models, reasoning_grpo
+
+    full = compose_config([*base, f"reasoning_grpo.max_steps={GRPO_STEPS}",
+                           "reasoning_grpo.prompts_per_step=8", "reasoning_grpo.num_generations=8",
+                           "reasoning_grpo.eval_steps=0", "reasoning_grpo.eval_samples=0",
+                           "reasoning_grpo.save_steps=1000", "reasoning_grpo.logging_steps=1", *hardware])
+    model_dir = Path(tempfile.mkdtemp(prefix="grpo_model_"))
+    torch.manual_seed(0)
+    tok = models.build_tokenizer([str(data_mod.resolve_path(p)) for p in full.model.tokenizer.corpus],
+                                 int(full.model.tokenizer.vocab_size))
+    m = models.build_model(OmegaConf.to_container(full.model.architecture), tok)
+    n_params = sum(p.numel() for p in m.parameters())
+    m.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    del m
+    cfg = OmegaConf.create(OmegaConf.to_container(full.reasoning_grpo, resolve=True))
+    times = {"generate": [], "generate_and_score": [], "step": []}
+
+    def timed(key, fn):
+        def wrapper(self, *a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(self, *a, **k)
+            torch.cuda.synchronize()
+            times[key].append((self.state.global_step, time.perf_counter() - t))
+            return out
+        return wrapper
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            times["step"].append((state.global_step - 1, time.perf_counter() - self.t))
+
+    saved = {k: getattr(GRPOTrainer, k) for k in ("_generate", "_generate_and_score_completions")}
+    GRPOTrainer._generate = timed("generate", saved["_generate"])
+    GRPOTrainer._generate_and_score_completions = timed("generate_and_score",
+                                                        saved["_generate_and_score_completions"])
+    out_dir, work = Path(tempfile.mkdtemp(prefix="grpo_out_")), Path(tempfile.mkdtemp(prefix="grpo_work_"))
+    t0 = time.time()
+    try:
+        metrics = reasoning_grpo.run(cfg, {"model": model_dir}, out_dir, work, callbacks=[StepTimer()])
+    finally:
+        for k, v in saved.items():
+            setattr(GRPOTrainer, k, v)
+    wall = time.time() - t0
+    per = lambda key: sum(d for s, d in times[key] if s >= GRPO_SKIP) / max(1, sum(1 for s, _ in times[key]
+                                                                                 if s >= GRPO_SKIP))
+    step, gen, gen_score = per("step"), per("generate"), per("generate_and_score")
+    history = [json.loads(l) for l in (out_dir / "log_history.jsonl").read_text().splitlines() if l.strip()]
+    lengths = [e["completions/mean_length"] for e in history if "completions/mean_length" in e]
+    samples = int(cfg.prompts_per_step) * int(cfg.num_generations)
+    r = {"name": name, "params": n_params, "step_s": round(step, 3), "generate_s": round(gen, 3),
+         "score_and_logprobs_s": round(gen_score - gen, 3), "train_s": round(step - gen_score, 3),
+         "generate_frac": round(gen / step, 3), "train_frac": round((step - gen_score) / step, 3),
+         "samples_per_step": samples, "completion_len": round(sum(lengths) / max(1, len(lengths)), 1),
+         "completion_tokens_per_s_generate": round(samples * (sum(lengths) / max(1, len(lengths))) / gen),
+         "stage_wall_s": round(wall, 1), "use_vllm": bool(cfg.use_vllm),
+         "hardware": {k: cfg.hardware.get(k) for k in ("attn_implementation", "liger_kernels")},
+         "metrics": {k: v for k, v in metrics.items() if k in ("train_runtime", "global_step")}}
+    return r
+
+
+PROJECT_JOBS = {
+    "project_b8": dict(batch=8),
+    "project_b32": dict(batch=32, profile=True),
+    "project_b32_workers2": dict(batch=32, hardware=["hardware.dataloader_workers=2"]),
+    "project_b32_backbone": dict(batch=32, hardware=["hardware.compile=backbone"], profile=True),
+    "project_b32_nocompile": dict(batch=32, hardware=["hardware.compile=false"]),
+}
+GRPO_JOBS = {
+    "grpo_gpu": dict(),
+    "grpo_no_liger": dict(hardware=["hardware.liger_kernels=false"]),
+}
+
+
 def main(argv):
-    mode = argv[0] if argv and argv[0] in ("project", "explore") else "project"
-    names = [a for a in argv if a not in ("project", "explore")]
+    mode = argv[0] if argv and argv[0] in ("project", "explore", "grpo") else "project"
+    names = [a for a in argv if a not in ("project", "explore", "grpo")]
     peak = ceiling()
     print(f"bf16 matmul ceiling {peak / 1e12:.0f} TFLOP/s; torch {torch.__version__}; "
           f"{torch.cuda.get_device_name()}", flush=True)
-    ds = data()
     results = []
-    if mode == "explore":
+    if mode == "grpo":
+        jobs = [(n, (lambda n=n: run_grpo(n, **GRPO_JOBS[n]))) for n in (names or list(GRPO_JOBS))]
+    elif mode == "explore":
+        ds = data()
         try:
             check_varlen()
         except Exception:
             traceback.print_exc()
         jobs = [(n, (lambda n=n: EXPLORE[n](ds, peak))) for n in (names or list(EXPLORE))]
     else:
+        ds = data()
         model_dir = Path(tempfile.mkdtemp(prefix="bench_model_"))
         build_model().save_pretrained(model_dir)
         tokenizer().save_pretrained(model_dir)
-        jobs = [("trl_defaults", lambda: EXPLORE["trl_defaults"](ds, peak)),
-                ("project_b8", lambda: run_project("project_b8", ds, peak, model_dir, batch=8)),
-                ("project_b32", lambda: run_project("project_b32", ds, peak, model_dir, batch=32, profile=True))]
-        jobs = [j for j in jobs if not names or j[0] in names]
+        wanted = names or ["trl_defaults", "project_b8", "project_b32"]
+        jobs = [(n, (lambda n=n: EXPLORE[n](ds, peak) if n in EXPLORE else
+                     run_project(n, ds, peak, model_dir, **PROJECT_JOBS[n]))) for n in wanted]
     for name, job in jobs:
         t = time.time()
         try:
@@ -470,8 +568,19 @@ def main(argv):
         print(json.dumps(r), flush=True)
         results.append(r)
         _cleanup()
+    (OUT / f"bench_{mode}.json").write_text(json.dumps({"ceiling_tflops": peak / 1e12, "results": results}, indent=1))
+    if mode == "grpo":
+        print(f"\n{'variant':16s} {'step s':>7s} {'gen s':>7s} {'score s':>7s} {'train s':>7s} {'gen %':>6s} "
+              f"{'train %':>7s} {'gen tok/s':>9s}")
+        for r in results:
+            if "step_s" not in r:
+                print(f"{r['name']:16s} ERROR {r.get('error')}")
+                continue
+            print(f"{r['name']:16s} {r['step_s']:7.3f} {r['generate_s']:7.3f} {r['score_and_logprobs_s']:7.3f} "
+                  f"{r['train_s']:7.3f} {100 * r['generate_frac']:6.1f} {100 * r['train_frac']:7.1f} "
+                  f"{r['completion_tokens_per_s_generate']:9d}")
+        return
     base = next((r for r in results if r["name"] == "trl_defaults" and "tokens_per_s" in r), None)
-    (OUT / "bench_sft_gpu.json").write_text(json.dumps({"ceiling_tflops": peak / 1e12, "results": results}, indent=1))
     print(f"\n{'variant':24s} {'tok/s':>8s} {'MFU':>6s} {'x TRL':>6s} {'step s':>7s} {'tok/step':>8s} {'mem GB':>6s} "
           f"{'wall s':>6s}")
     for r in results:
