@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VERIFY_TIMEOUT = 1.5  # seconds per (gold, answer) check
 DEFAULT_MAX_ANSWER_CHARS = 2000  # longer extracted answers score 0.0 without being parsed
-SOFT_TIMEOUT_SHARE = 0.85  # in-worker alarm at this share of the bound; 0 = rely on the kill alone
+SOFT_TIMEOUT_SHARE = 0.7  # in-worker alarm at this share of the bound; 0 = rely on the kill alone
 INLINE_MAX = 8  # "auto": batches with at most this many distinct checks run inline (main thread only)
 _CACHE_MAX = 100_000
 
@@ -210,12 +210,20 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HDR = struct.Struct(">I")
 
 
-def _send_frame(fd: int, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HDR.pack(len(data)) + data)
+    return _HDR.pack(len(data)) + data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _send_frame(fd: int, obj: Any) -> None:
+    _write_all(fd, _frame(obj))
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -283,8 +291,8 @@ class _Worker:
         self.wfd = self.proc.stdin.fileno()
         self.buf = bytearray()
         self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0
+        self.inflight: deque[tuple[int, int]] = deque()  # (task index, frame bytes), in the order sent
+        self.deadline = 0.0  # for the task at the head of ``inflight`` (the one the worker is on)
         self.started = time.monotonic()
 
     def messages(self) -> list | None:
@@ -348,6 +356,8 @@ class VerifierPool:
 
     BOOT_TIMEOUT = 120.0
     MAX_BOOT_FAILURES = 3
+    QUEUE_DEPTH = 4  # tasks sent ahead to each worker
+    PIPE_BUDGET = 48 * 1024  # bytes of queued tasks per worker: below the 64 KiB pipe buffer, so writes never block
 
     def __init__(self, size: int | None = None) -> None:
         self.size = size or _default_workers()
@@ -368,14 +378,24 @@ class VerifierPool:
         if respawn:
             self._spawn()
 
-    def start(self) -> None:
+    def start(self, wait: bool = False, timeout: float = BOOT_TIMEOUT) -> None:
+        """Spawn the workers; with ``wait``, return once all of them are ready (a fresh worker imports sympy and
+        warms up math-verify: ~0.5 s of CPU, several seconds on a busy machine)."""
         with self.lock:
             while len(self.workers) < self.size:
                 self._spawn()
+            deadline = time.monotonic() + timeout
+            while wait and any(not w.ready for w in self.workers):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"answer-verification workers did not start in {timeout:.0f} s")
+                booting = [w for w in self.workers if not w.ready]
+                self._collect(min(left, 0.5), [], 0.0, deque(), booting)
+                while len(self.workers) < self.size:
+                    self._spawn()
 
     def run(self, tasks: Sequence[tuple[str, str | None, str | None]], timeout: float) -> list[tuple[str, Any]]:
         """``tasks``: (gold, answer, kind). Returns (status, value) per task; status ok | timeout | error."""
-        results: list[tuple[str, Any] | None] = [None] * len(tasks)
         if not tasks:
             return []
         # The worker interrupts a slow check itself a little before the bound (cheap: it stays alive); the parent kills
@@ -383,35 +403,43 @@ class VerifierPool:
         soft = SOFT_TIMEOUT_SHARE * timeout if SOFT_TIMEOUT_SHARE > 0 else None
         with self.lock:
             try:
-                return self._run(tasks, timeout, soft, results)
+                return self._run(tasks, timeout, soft)
             except BaseException:
                 # interrupted (KeyboardInterrupt, no worker could start): busy workers hold tasks of this batch
-                for w in [w for w in self.workers if w.task is not None]:
+                for w in [w for w in self.workers if w.inflight]:
                     self._drop(w, respawn=False)
                 raise
 
-    def _run(self, tasks: Sequence[tuple], timeout: float, soft: float | None, results: list) -> list:
+    def _run(self, tasks: Sequence[tuple], timeout: float, soft: float | None) -> list:
+        """Each worker gets up to QUEUE_DEPTH tasks at a time (so it never waits for this process to be scheduled);
+        the task at the head of its queue must finish within ``timeout`` of the previous one's result."""
+        results: list = [None] * len(tasks)
         while len(self.workers) < self.size:
             self._spawn()
-        pending = list(range(len(tasks)))[::-1]  # pop() from the end = original order
+        pending = deque(range(len(tasks)))
         remaining = len(tasks)
         waited_since = time.monotonic()
         while remaining:
-            now = time.monotonic()
             for w in list(self.workers):
-                if not pending:
-                    break
-                if w.ready and w.task is None:
-                    i = pending.pop()
+                while pending and w.ready and len(w.inflight) < self.QUEUE_DEPTH:
+                    i = pending[0]
                     gold, pred, kind = tasks[i]
+                    frame = _frame((i, gold, pred, kind, soft))
+                    queued = sum(n for _, n in w.inflight)
+                    if w.inflight and queued + len(frame) > self.PIPE_BUDGET:
+                        break  # a write must never block: this process enforces the deadlines
                     try:
-                        _send_frame(w.wfd, (i, gold, pred, kind, soft))
-                    except OSError:  # died between tasks: replace it, the task goes back in the queue
-                        pending.append(i)
+                        _write_all(w.wfd, frame)
+                    except OSError:  # died between tasks: replace it; its tasks go back in the queue
+                        pending.extendleft(reversed([j for j, _ in w.inflight]))
+                        w.inflight.clear()
                         self._drop(w)
-                        continue
-                    w.task, w.deadline = i, now + timeout
-            busy = [w for w in self.workers if w.task is not None]
+                        break
+                    pending.popleft()
+                    if not w.inflight:
+                        w.deadline = time.monotonic() + timeout
+                    w.inflight.append((i, len(frame)))
+            busy = [w for w in self.workers if w.inflight]
             if busy:
                 wait = max(0.0, min(w.deadline for w in busy) - time.monotonic())
                 waited_since = time.monotonic()
@@ -419,50 +447,67 @@ class VerifierPool:
                 if time.monotonic() - waited_since > self.BOOT_TIMEOUT:
                     raise RuntimeError(f"answer-verification workers did not start in {self.BOOT_TIMEOUT:.0f} s")
                 wait = 0.5
-            fds = {w.rfd: w for w in self.workers}
-            try:
-                readable, _, _ = select.select(list(fds), [], [], wait)
-            except InterruptedError:
-                readable = []
-            for fd in readable:
-                w = fds[fd]
-                msgs = w.messages()
-                if msgs is None:  # the worker died (crash, memory limit)
-                    if w.task is not None:
-                        results[w.task] = ("error", False)
-                        remaining -= 1
-                        self.stats["crashes"] += 1
-                    elif not w.ready:
-                        self.boot_failures += 1
-                        if self.boot_failures >= self.MAX_BOOT_FAILURES:
-                            tail = w.stderr_tail()
-                            self._drop(w, respawn=False)
-                            raise RuntimeError(
-                                "answer-verification worker failed to start "
-                                f"({self.boot_failures} times); its stderr:\n{tail}"
-                            )
-                    self._drop(w)
-                    continue
-                for msg in msgs:
-                    if msg[0] == "ready":
-                        w.ready = True
-                        self.boot_failures = 0
-                        continue
-                    i, status, value = msg
-                    if w.task == i:
-                        results[i] = (status, value)
-                        remaining -= 1
-                        w.task = None
-                        self.stats[status] += 1
+            remaining -= self._collect(wait, results, timeout, pending)
+            overdue = [w for w in self.workers if w.inflight and time.monotonic() >= w.deadline]
+            if overdue:  # results may have arrived while this process was not scheduled: read them before killing
+                remaining -= self._collect(0.0, results, timeout, pending, overdue)
             now = time.monotonic()
             for w in list(self.workers):
-                if w.task is not None and now >= w.deadline:
-                    results[w.task] = ("timeout", False)
+                if w.inflight and now >= w.deadline:
+                    head, _ = w.inflight.popleft()
+                    results[head] = ("timeout", False)
                     remaining -= 1
                     self.stats["timeout"] += 1
                     self.stats["killed"] += 1
+                    pending.extendleft(reversed([j for j, _ in w.inflight]))
+                    w.inflight.clear()
                     self._drop(w)
         return results
+
+    def _collect(self, wait: float, results: list, timeout: float, pending: deque,
+                 workers: list[_Worker] | None = None) -> int:
+        """Read what the workers sent within ``wait`` seconds; returns how many tasks finished."""
+        fds = {w.rfd: w for w in (self.workers if workers is None else workers)}
+        try:
+            readable, _, _ = select.select(list(fds), [], [], wait)
+        except InterruptedError:
+            return 0
+        finished = 0
+        for fd in readable:
+            w = fds[fd]
+            msgs = w.messages()
+            if msgs is None:  # the worker died (crash, memory limit): its current task failed, the rest are retried
+                if w.inflight:
+                    head, _ = w.inflight.popleft()
+                    results[head] = ("error", False)
+                    finished += 1
+                    self.stats["crashes"] += 1
+                    pending.extendleft(reversed([j for j, _ in w.inflight]))
+                    w.inflight.clear()
+                elif not w.ready:
+                    self.boot_failures += 1
+                    if self.boot_failures >= self.MAX_BOOT_FAILURES:
+                        tail = w.stderr_tail()
+                        self._drop(w, respawn=False)
+                        raise RuntimeError(
+                            f"answer-verification worker failed to start ({self.boot_failures} times); its stderr:\n"
+                            f"{tail}"
+                        )
+                self._drop(w)
+                continue
+            for msg in msgs:
+                if msg[0] == "ready":
+                    w.ready = True
+                    self.boot_failures = 0
+                    continue
+                i, status, value = msg
+                if w.inflight and w.inflight[0][0] == i:
+                    w.inflight.popleft()
+                    results[i] = (status, value)
+                    finished += 1
+                    self.stats[status] += 1
+                    w.deadline = time.monotonic() + timeout  # the next queued task starts now
+        return finished
 
     def close(self) -> None:
         with self.lock:
@@ -484,9 +529,9 @@ def get_verifier_pool() -> VerifierPool:
         return _POOL
 
 
-def start_verifier_pool() -> None:
+def start_verifier_pool(wait: bool = False) -> None:
     """Start the workers now (about a second) so that the first training step does not wait for them."""
-    get_verifier_pool().start()
+    get_verifier_pool().start(wait=wait)
 
 
 def shutdown_verifier_pool() -> None:
@@ -626,7 +671,9 @@ def _check_tasks(
         STATS["timeouts"] += n_timeouts
         _warn_once(
             "timeout",
-            "answer verification: %d check(s) exceeded the %.1f s bound and scored 0.0 (later ones logged at debug)",
+            "answer verification: %d check(s) exceeded the %.1f s bound and scored 0.0 (a pathological answer, or an "
+            "overloaded machine: raise `verify_timeout` / R1FLOW_VERIFY_TIMEOUT if legitimate answers time out; "
+            "later ones logged at debug; counts in rewards.verifier_stats())",
             n_timeouts,
             timeout,
         )

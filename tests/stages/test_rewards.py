@@ -39,6 +39,12 @@ def pool():
     rewards.shutdown_verifier_pool()
 
 
+@pytest.fixture
+def ready_pool():
+    """Timed tests measure the check, not the boot of a worker that an earlier test had killed."""
+    rewards.start_verifier_pool(wait=True)
+
+
 def conv(text):
     return [{"role": "assistant", "content": text}]
 
@@ -185,7 +191,7 @@ def test_large_batch_uses_the_pool_and_the_cache():
     assert rewards.STATS["pooled"] - before.get("pooled", 0) == 40
 
 
-def test_called_from_a_thread():
+def test_called_from_a_thread(ready_pool):
     rewards.clear_verify_cache()
     out, errors = [], []
 
@@ -234,7 +240,7 @@ PATHOLOGICAL = {
 
 @pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
 @pytest.mark.parametrize("parallel", [True, False])
-def test_pathological_answer_returns_within_the_bound(name, parallel):
+def test_pathological_answer_returns_within_the_bound(name, parallel, ready_pool):
     rewards.clear_verify_cache()
     start = time.monotonic()
     out = accuracy_reward([boxed(PATHOLOGICAL[name])], answer=["3"], verify_timeout=BOUND, max_answer_chars=None,
@@ -244,14 +250,14 @@ def test_pathological_answer_returns_within_the_bound(name, parallel):
     assert elapsed < BOUND + SLACK, elapsed
 
 
-def test_pathological_answer_with_the_default_bound():
+def test_pathological_answer_with_the_default_bound(ready_pool):
     rewards.clear_verify_cache()
     start = time.monotonic()
     assert accuracy_reward([boxed(PATHOLOGICAL["power_tower"])], answer=["3"]) == [0.0]
     assert time.monotonic() - start < rewards.DEFAULT_VERIFY_TIMEOUT + SLACK
 
 
-def test_pathological_answer_is_killed_when_the_worker_cannot_interrupt_itself(monkeypatch):
+def test_pathological_answer_is_killed_when_the_worker_cannot_interrupt_itself(monkeypatch, ready_pool):
     monkeypatch.setattr(rewards, "SOFT_TIMEOUT_SHARE", 0.0)  # no in-worker alarm: only the kill bounds the check
     rewards.clear_verify_cache()
     pool = rewards.get_verifier_pool()
@@ -266,6 +272,14 @@ def test_pathological_answer_is_killed_when_the_worker_cannot_interrupt_itself(m
     assert accuracy_reward([boxed("4")], answer=["4"], verify_parallel=True) == [1.0]
 
 
+def test_tasks_queued_behind_a_killed_check_are_retried(monkeypatch):
+    monkeypatch.setattr(rewards, "SOFT_TIMEOUT_SHARE", 0.0)
+    rewards.clear_verify_cache()
+    texts = [boxed("9^{9^{9^{9}}}"), boxed("8^{8^{8^{8}}}")] + [boxed(i) for i in range(12)]
+    out = accuracy_reward(texts, answer=["5"] * len(texts), verify_timeout=BOUND, verify_parallel=True)
+    assert out == [0.0, 0.0] + [1.0 if i == 5 else 0.0 for i in range(12)]
+
+
 def test_a_20k_character_answer_is_capped_quickly():
     answer = "+".join(["123456789"] * 2000)  # 20k characters
     start = time.monotonic()
@@ -273,7 +287,7 @@ def test_a_20k_character_answer_is_capped_quickly():
     assert time.monotonic() - start < 0.5
 
 
-def test_timeout_is_configurable_through_the_environment(monkeypatch):
+def test_timeout_is_configurable_through_the_environment(monkeypatch, ready_pool):
     monkeypatch.setenv("R1FLOW_VERIFY_TIMEOUT", "0.3")
     rewards.clear_verify_cache()
     start = time.monotonic()
