@@ -25,6 +25,7 @@ sft_loss.png.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -128,7 +129,8 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
     rng = random.Random(int(acfg.seed))
     reasoning = data.load_rows(acfg.reasoning_prompts_file, ["prompt", "answer"], "rl_train")
     rng.shuffle(reasoning)
-    per_step = int(acfg.prompts_per_step) // int(acfg.num_iterations)
+    # prompts read per optimizer step, over all processes (each process takes prompts_per_step)
+    per_step = int(acfg.prompts_per_step) * int(os.environ.get("WORLD_SIZE", "1")) // int(acfg.num_iterations)
     n_first, n_rest = from_step * per_step, (int(acfg.max_steps) - from_step) * per_step
     n_general = round(n_rest * float(acfg.general_share)) if general else 0
     cycle = lambda rows, n, offset=0: [rows[(offset + i) % len(rows)] for i in range(n)]  # noqa: E731
