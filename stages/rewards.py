@@ -543,8 +543,16 @@ def shutdown_verifier_pool() -> None:
 
 
 atexit.register(shutdown_verifier_pool)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: globals().__setitem__("_POOL", None))
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, say) must not talk to its parent's workers, nor wait on a lock that a
+    parent thread held at the fork."""
+    global _POOL, _POOL_LOCK, _CACHE_LOCK, _warn_lock
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+    _CACHE_LOCK = threading.Lock()
+    _warn_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -555,6 +563,8 @@ _RISKY_RE = re.compile(r"\^|\*\*|!|binom|choose|prod|sum|int|lim|uparrow|\d{30,}
 _CACHE: dict[tuple, bool | None] = {}
 _CACHE_LOCK = threading.Lock()
 STATS: Counter = Counter()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def clear_verify_cache() -> None:
