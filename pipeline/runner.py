@@ -34,24 +34,52 @@ USER_ERROR_FILE = "user_error.txt"
 
 
 def launch_command(hardware: dict, spec_path: str) -> list[str]:
-    """The command that runs a stage: plain python, or accelerate launch over all local GPUs."""
-    if hardware.get("launcher", "python") == "python":
+    """The command that runs a stage: plain python, or `accelerate launch` over all local GPUs (and nodes).
+
+    hardware.launcher=accelerate launches the stages whose module is in hardware.distributed_modules (the trainers;
+    all stages when the list is absent) as num_processes x num_machines processes, FSDP when hardware.fsdp is set. The
+    others (evaluation, rejection sampling, report) stay one process: their vLLM engine spreads over the GPUs itself
+    (tensor or data parallel), and N copies of them would each write the whole artifact.
+    Multi-node (num_machines > 1): every node runs the same command; MACHINE_RANK, MAIN_PROCESS_IP and
+    MAIN_PROCESS_PORT come from the environment (README "Several nodes").
+    """
+    module = _spec_module(spec_path)
+    if hardware.get("launcher", "python") == "python" or not _distributed(hardware, module):
         return [sys.executable, "-m", "pipeline.runner", spec_path]
-    num = hardware.get("num_processes", "auto")
-    if num == "auto":
+    per_node = hardware.get("num_processes", "auto")
+    if per_node in ("auto", None):
         import torch
 
-        num = max(torch.cuda.device_count(), 1)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num), "--num_machines",
-           str(hardware.get("num_machines", 1)), "--mixed_precision", "bf16" if hardware.get("bf16") else "no"]
+        per_node = max(torch.cuda.device_count(), 1)
+    machines = int(hardware.get("num_machines") or 1)
+    # accelerate's --num_processes is the total over all machines
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(int(per_node) * machines),
+           "--num_machines", str(machines), "--mixed_precision", "bf16" if hardware.get("bf16") else "no",
+           "--dynamo_backend", "no"]
     if hardware.get("fsdp"):
-        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy",
-                "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
-    if int(hardware.get("num_machines", 1)) > 1:  # multi-node: the same command on every node, rank from the env
+        version = int(hardware.get("fsdp_version") or 1)
+        cmd += ["--use_fsdp", "--fsdp_version", str(version), "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+        cmd += ["--fsdp_reshard_after_forward", "true"] if version == 2 else ["--fsdp_sharding_strategy", "FULL_SHARD"]
+    else:
+        cmd += ["--multi_gpu"] if int(per_node) * machines > 1 else []
+    if machines > 1:  # multi-node: the same command on every node, rank and rendezvous from the environment
         cmd += ["--machine_rank", os.environ.get("MACHINE_RANK", "0"), "--main_process_ip",
                 os.environ.get("MAIN_PROCESS_IP", "127.0.0.1"), "--main_process_port",
                 os.environ.get("MAIN_PROCESS_PORT", "29500")]
     return cmd + ["-m", "pipeline.runner", spec_path]
+
+
+def _spec_module(spec_path: str) -> str | None:
+    try:
+        return json.loads(Path(spec_path).read_text()).get("module")
+    except (OSError, ValueError):
+        return None
+
+
+def _distributed(hardware: dict, module: str | None) -> bool:
+    modules = hardware.get("distributed_modules")
+    return modules is None or module is None or module in modules
 
 
 def stage_env(hardware: dict) -> dict[str, str]:

@@ -1,0 +1,208 @@
+"""hardware=gpu / multi_gpu on a machine without GPUs: config composition, launch commands, and the GPU code paths
+that can run on a CPU (the padding-free attention's fallback, which must give the same numbers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pipeline import runner
+from pipeline.plan import compose_config, plan
+
+TRAINING_STAGES = ("base", "cold_start_sft", "reasoning_grpo", "merged_sft_alignment", "distill")
+
+
+def _spec(tmp_path, module: str) -> str:
+    path = tmp_path / f"{module}.json"
+    path.write_text(json.dumps({"name": module, "module": module, "config": {}}))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Composition
+
+def test_gpu_composes_with_the_training_settings():
+    cfg = compose_config(["hardware=gpu"])
+    hw = cfg.hardware
+    assert hw.device == "cuda" and hw.bf16 and hw.launcher == "python" and hw.num_processes == 1
+    assert hw.attn_implementation == "sdpa_varlen" and hw.padding_free and hw.compile
+    assert hw.optim == "adamw_torch_fused" and not hw.gradient_checkpointing
+    assert hw.dataloader_workers >= 1
+    for stage in TRAINING_STAGES:  # every trainer sees the same node, by interpolation
+        assert cfg[stage].hardware == hw, stage
+
+
+def test_multi_gpu_composes_with_fsdp_and_accelerate():
+    hw = compose_config(["hardware=multi_gpu"]).hardware
+    assert hw.launcher == "accelerate" and hw.num_processes == "auto" and hw.num_machines == 1
+    assert hw.fsdp and hw.bf16 and hw.vllm.tensor_parallel_size == "auto"
+    assert {"cold_start_sft", "reasoning_grpo", "merged_sft_alignment"} <= set(hw.distributed_modules)
+    assert "evaluate" not in hw.distributed_modules and "rejection_sampling" not in hw.distributed_modules
+
+
+def test_random_300m_model_composes():
+    model = compose_config(["hardware=gpu", "model=random_300m"]).base.model
+    arch = model.architecture
+    assert model.source == "build" and arch.num_hidden_layers == 24 and arch.hidden_size == 1024
+    assert not arch.tie_word_embeddings
+
+
+def test_hardware_does_not_change_versions():
+    versions = {hw: [s.version for s in plan(compose_config([f"hardware={hw}"]))] for hw in ("cpu", "gpu", "multi_gpu")}
+    assert versions["cpu"] == versions["gpu"] == versions["multi_gpu"]
+
+
+def test_hardware_knobs_override_from_the_command_line():
+    hw = compose_config(["hardware=gpu", "hardware.compile=backbone", "hardware.dataloader_workers=0"]).hardware
+    assert hw.compile == "backbone" and hw.dataloader_workers == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch commands
+
+def test_python_launcher_runs_the_runner(tmp_path):
+    for name in ("cpu", "gpu"):
+        hw = compose_config([f"hardware={name}"]).hardware
+        spec = _spec(tmp_path, "cold_start_sft")
+        assert runner.launch_command(dict(hw), spec) == [sys.executable, "-m", "pipeline.runner", spec]
+
+
+def _parsed(cmd):
+    """accelerate's own parser accepts the flags (so a typo fails here, not on a GPU node)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    return launch_command_parser().parse_args(cmd[3:])
+
+
+def test_multi_gpu_launches_trainers_with_accelerate_fsdp(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    hw = OmegaConf.to_container(compose_config(["hardware=multi_gpu"]).hardware)
+    spec = _spec(tmp_path, "cold_start_sft")
+    cmd = runner.launch_command(hw, spec)
+    args = _parsed(cmd)
+    assert args.num_processes == 4 and args.num_machines == 1 and args.mixed_precision == "bf16"
+    assert args.use_fsdp and args.fsdp_sharding_strategy == "FULL_SHARD"
+    assert args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP" and args.fsdp_state_dict_type == "FULL_STATE_DICT"
+    assert cmd[-3:] == ["-m", "pipeline.runner", spec] and "--machine_rank" not in cmd
+
+
+def test_multi_gpu_keeps_generation_stages_in_one_process(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    hw = OmegaConf.to_container(compose_config(["hardware=multi_gpu"]).hardware)
+    for module in ("evaluate", "rejection_sampling", "report"):
+        spec = _spec(tmp_path, module)
+        assert runner.launch_command(hw, spec) == [sys.executable, "-m", "pipeline.runner", spec]
+
+
+def test_multi_node_counts_processes_over_machines_and_reads_the_rank(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("MACHINE_RANK", "1")
+    monkeypatch.setenv("MAIN_PROCESS_IP", "10.0.0.7")
+    monkeypatch.setenv("MAIN_PROCESS_PORT", "29600")
+    hw = {"launcher": "accelerate", "num_processes": "auto", "num_machines": 2, "bf16": True,
+          "fsdp": "full_shard auto_wrap", "fsdp_version": 2}
+    cmd = runner.launch_command(hw, _spec(tmp_path, "reasoning_grpo"))
+    args = _parsed(cmd)
+    assert args.num_processes == 16 and args.num_machines == 2 and args.machine_rank == 1
+    assert args.main_process_ip == "10.0.0.7" and args.main_process_port == 29600
+    assert args.fsdp_version == "2" and "--fsdp_reshard_after_forward" in cmd and "--fsdp_sharding_strategy" not in cmd
+
+
+def test_ddp_without_fsdp(tmp_path):
+    cmd = runner.launch_command({"launcher": "accelerate", "num_processes": 2, "bf16": False},
+                                _spec(tmp_path, "distill"))
+    args = _parsed(cmd)
+    assert args.multi_gpu and not args.use_fsdp and args.num_processes == 2 and args.mixed_precision == "no"
+
+
+def test_stage_env_threads_and_path():
+    env = runner.stage_env(dict(compose_config(["hardware=gpu"]).hardware))
+    assert env["OMP_NUM_THREADS"] == "8" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert str(runner.PROJECT_ROOT) in env["PYTHONPATH"].split(":")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU code paths that also run on a CPU
+
+def _tiny_model():
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(64)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="t1", pad_token="t2")
+
+
+def test_padding_free_rows_match_separate_sequences():
+    """sdpa_varlen keeps the sequences of a padding-free row apart (on CPU through a block mask; on GPU through
+    varlen flash attention, checked by benchmarks/bench_sft_gpu.py explore): same logits as one sequence at a time."""
+    from stages import gpu
+
+    model = _tiny_model()
+    gpu.register()
+    model.set_attn_implementation(gpu.VARLEN)
+    rows = [{"input_ids": torch.randint(3, 64, (n,)).tolist()} for n in (7, 3, 12, 1)]
+    batch = gpu.padding_free_collator(_tokenizer())(rows)
+    assert batch["input_ids"].shape == (1, 23) and "attention_mask" not in batch
+    sep = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows])
+    with_cu = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"]).logits[0]
+    from_positions = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    torch.testing.assert_close(with_cu, sep, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_positions, sep, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa():
+    from stages import gpu
+
+    model = _tiny_model()
+    ref = _tiny_model()
+    ref.set_attn_implementation("sdpa")
+    gpu.register()
+    model.set_attn_implementation(gpu.VARLEN)
+    ids = torch.randint(3, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               ref(input_ids=ids, attention_mask=mask).logits)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=2)
+    assert torch.equal(out, ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                         pad_token_id=2))
+
+
+def test_gpu_settings_are_inert_on_cpu(monkeypatch):
+    from stages import gpu, training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = dict(compose_config(["hardware=gpu"]).hardware)
+    model = _tiny_model()
+    assert gpu.set_attention(model, hw["attn_implementation"]) == "sdpa"  # no varlen flash attention without CUDA
+    assert not gpu.use_padding_free(hw, model)
+    assert not gpu.compile_for_training(model, hw)
+    args = training.hardware_args(hw)
+    assert args["use_cpu"] and not args["bf16"] and not args["dataloader_pin_memory"]
+    assert args["dataloader_num_workers"] == 0 and not args.get("use_liger_kernel")
+
+
+def test_compile_mode_is_checked(monkeypatch):
+    from stages import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="hardware.compile"):
+        gpu.compile_for_training(_tiny_model(), {"device": "cuda", "compile": "everything"})
