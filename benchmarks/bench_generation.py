@@ -9,6 +9,12 @@ runs in its own process through stages/generation.py (one engine start, not time
 `--repeats` timed calls; the median is reported. Random weights rarely emit end-of-sequence, so nearly every sample runs
 to max_tokens on both backends (the count of generated tokens is what is divided). CPU contention from other processes
 distorts both numbers: check `uptime` and say so when you quote them.
+
+Measured 2026-11-23 on the shared 2-core machine, other jobs running (load average 4-8), 16 x 8 x 64 tokens, median of 3:
+  --threads 1: tiny (1.12M)  vLLM 5610 / HF 2637 tokens/s = 2.1x;  medium (25.7M) vLLM 850 / HF 382 = 2.2x
+  --threads 2: tiny          vLLM  737 / HF  376          = 2.0x;  medium         vLLM 142 / HF  65 = 2.2x
+vLLM runs in-process on CPU (stages/generation.py), which is why it now beats HF even on the tiny model (STACK-NOTES
+measured ~0.5x with vLLM's engine subprocess). With the cores contended, 2 threads were 6-8x slower than 1 for both.
 """
 
 from __future__ import annotations
