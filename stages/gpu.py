@@ -87,14 +87,27 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         seg = _segments(kwargs, q_len)
         if seg is not None:
             attend = _varlen_fn() if query.is_cuda and dropout == 0.0 else None
-            if attend is not None:
+            low = _flash_dtype(query.dtype)
+            if attend is not None and low is not None:
                 cu, max_len = seg
                 # (1, H, T, D) -> (T, H, D): the projections were laid out (T, H, D), so this is a view
-                q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+                q, k, v = (t[0].transpose(0, 1).contiguous().to(low) for t in (query, key, value))
                 return attend(q, k, v, cu, max_len, scaling).unsqueeze(0), None
-            attention_mask = _block_causal_mask(seg[0], q_len, query.device)  # CPU: a dense mask, still correct
+            # CPU, or fp32 without autocast: a dense block mask, still correct
+            attention_mask = _block_causal_mask(seg[0], q_len, query.device)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _flash_dtype(dtype: torch.dtype):
+    """The dtype flash attention runs in: the tensors' own if half precision; under CUDA autocast (fp32 weights, bf16
+    compute: a model the base stage builds) the autocast dtype, as sdpa does; None for plain fp32."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    if torch.is_autocast_enabled("cuda"):
+        low = torch.get_autocast_dtype("cuda")
+        return low if low in (torch.float16, torch.bfloat16) else None
+    return None
 
 
 def _block_causal_mask(cu: torch.Tensor, length: int, device) -> torch.Tensor:
