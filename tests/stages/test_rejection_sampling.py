@@ -216,6 +216,7 @@ def _cfg(tmp_path, rows, general, **over):
     base = OmegaConf.load(Path(__file__).parents[2] / "conf" / "rejection_sampling" / "default.yaml")
     cfg = OmegaConf.to_container(base, resolve=False)
     cfg.update(seed=0, hardware={"device": "cpu", "vllm": {}}, language="en", template="r1_zero",
+               trust_remote_code=False,
                prompts_file=_write_jsonl(tmp_path / "rl.jsonl", rows),
                general_sft_file=_write_jsonl(tmp_path / "gen.jsonl", general),
                max_prompts=None, samples_per_prompt=4, shard_size=2, max_tokens=16)
