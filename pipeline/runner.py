@@ -138,10 +138,14 @@ def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], N
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=stage_env(hardware), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
     tail: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        tail = (tail + [line])[-40:]
-        log(line)
+    with open(work_dir / "stage.log", "a") as stage_log:  # every attempt's output, beside its checkpoints
+        stage_log.write(f"=== {started} {shlex.join(cmd)}\n")
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail = (tail + [line])[-40:]
+            stage_log.write(line + "\n")
+            stage_log.flush()
+            log(line)
     code = proc.wait()
     result_path = Path(staging) / RESULT_FILE
     if code != 0 or not result_path.exists():

@@ -47,10 +47,9 @@ def test_rerun_resumes_from_the_finished_checkpoint(smoke_base, tmp_path):
 def test_hub_id_not_in_cache_fails_fast_naming_model_source(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_config(["model=qwen2.5-math-1.5b", "model.source=r1flow-test/definitely-not-cached"]).base
-    t0 = time.time()
     with pytest.raises(UserError, match="model.source='r1flow-test/definitely-not-cached'"):
         base.run(cfg, {}, tmp_path / "out", tmp_path / "work")
-    assert time.time() - t0 < 10
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_local_directory_is_recorded_with_file_hashes(smoke_base, tmp_path):

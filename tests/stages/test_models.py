@@ -1,6 +1,5 @@
 """stages/models.py: the offline tokenizer and model, Auto-class round trips, loading errors, checkpoint refs."""
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -146,11 +145,9 @@ def test_pad_falls_back_to_eos(tok, tmp_path):
 
 def test_hub_id_offline_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    t0 = time.time()
     for load in (models.load_model, models.load_tokenizer):
         with pytest.raises(UserError) as e:
             load("someone/not-cached-model-xyz", revision="main")
         assert "model.source" in str(e.value) and "local" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
-    assert time.time() - t0 < 5
     with pytest.raises(UserError, match="model.source"):
         models.load_model("build")

@@ -1,0 +1,142 @@
+"""End to end through the real command line: Hydra config, Prefect flow, stage subprocesses, TRL, vLLM.
+
+One store for the module: the r1 smoke run, its fully cached rerun, distillation from its stage-3 dataset, and a
+SIGKILL in the middle of GRPO followed by a resume. Evaluations use the HF backend here to keep `make test` short;
+rejection sampling uses vLLM (the generation, evaluate and rejection-sampling tests start vLLM once each).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+R1FLOW = [sys.executable, "-m", "pipeline.cli"]
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    return [f"artifacts_root={root}/artifacts", f"work_root={root}/work", "size=smoke", "evaluate.backend=hf"], root
+
+
+def r1flow(*args, timeout=900):
+    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
+    proc = subprocess.run(R1FLOW + list(args), cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def summary_rows(stdout):
+    """The CLI's closing table: `stage version state seconds s`."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[2] in ("ran", "cached") and parts[4] == "s":
+            rows[parts[0]] = (parts[1], parts[2])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def r1_run(store):
+    overrides, root = store
+    code, out, err = r1flow("run", *overrides)
+    assert code == 0, err[-3000:]
+    return summary_rows(out)
+
+
+def test_r1_recipe_runs_every_stage_and_ends_with_a_report(r1_run, store):
+    overrides, root = store
+    assert list(r1_run) == ["base", "eval_base", "cold_start_sft", "eval_cold_start_sft", "reasoning_grpo",
+                            "eval_reasoning_grpo", "rejection_sampling", "helpfulness_rm", "harmlessness_rm",
+                            "merged_sft_alignment", "eval_final", "report"]
+    assert {state for _, state in r1_run.values()} == {"ran"}
+    report_dir = root / "artifacts" / "report" / r1_run["report"][0]
+    manifest = json.loads((report_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "report" and (report_dir / "report.md").exists()
+    # The report's table holds the evaluation artifacts' own numbers.
+    final_eval = json.loads((root / "artifacts" / "eval_final" / r1_run["eval_final"][0] / "manifest.json").read_text())
+    assert "merged_sft_alignment" in (report_dir / "report.md").read_text()
+    assert final_eval["metrics"]["backend"] == "hf"
+    rejection = json.loads((root / "artifacts" / "rejection_sampling" / r1_run["rejection_sampling"][0]
+                            / "manifest.json").read_text())
+    assert rejection["metrics"]["backend"] == "vllm"
+    # Stage 4 fine-tunes the base checkpoint, not the RL one.
+    merged = json.loads((root / "artifacts" / "merged_sft_alignment" / r1_run["merged_sft_alignment"][0]
+                         / "manifest.json").read_text())
+    assert merged["inputs"]["base"] == {"name": "base", "version": r1_run["base"][0]}
+    code, out, err = r1flow("report", *overrides)
+    assert code == 0 and "merged_sft_alignment" in out and ".png" in out, err[-2000:]
+
+
+def test_second_run_trains_nothing(r1_run, store):
+    overrides, _ = store
+    start = time.time()
+    code, out, err = r1flow("run", *overrides)
+    assert code == 0, err[-3000:]
+    rows = summary_rows(out)
+    assert rows == {name: (version, "cached") for name, (version, _) in r1_run.items()}
+    print(f"fully cached rerun: {time.time() - start:.1f} s")
+
+
+def test_status_after_run(r1_run, store):
+    overrides, _ = store
+    code, out, _ = r1flow("status", *overrides)
+    assert code == 0
+    assert all(line.split()[-1] == "done" for line in out.splitlines()[1:]), out
+    code, out, _ = r1flow("status", *overrides, "reasoning_grpo.learning_rate=1e-6")
+    states = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:]}
+    assert states["cold_start_sft"] == "done" and states["reasoning_grpo"] == "stale" and states["report"] == "stale"
+
+
+def test_distill_from_an_existing_stage3_dataset(r1_run, store):
+    overrides, root = store
+    dataset_version = r1_run["rejection_sampling"][0]
+    code, out, err = r1flow("run", *overrides, "recipe=distill", f"+recipe.pins.rejection_sampling={dataset_version}")
+    assert code == 0, err[-3000:]
+    rows = summary_rows(out)
+    assert rows["rejection_sampling"] == (dataset_version, "cached")
+    assert rows["student_base"][1] == rows["distill"][1] == rows["eval_distill"][1] == "ran"
+    distill = json.loads((root / "artifacts" / "distill" / rows["distill"][0] / "manifest.json").read_text())
+    assert distill["inputs"]["dataset"] == {"name": "rejection_sampling", "version": dataset_version}
+    assert distill["inputs"]["model"]["name"] == "student_base"
+
+
+def test_sigkill_during_grpo_then_rerun_resumes_from_checkpoint(store):
+    overrides, root = store
+    overrides = overrides + ["recipe=r1_zero", "reasoning_grpo.max_steps=8", "reasoning_grpo.save_steps=2"]
+    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
+    proc = subprocess.Popen(R1FLOW + ["run", *overrides], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoints = root / "work" / "reasoning_grpo"
+    before = set(checkpoints.glob("*")) if checkpoints.exists() else set()
+    deadline, found = time.time() + 600, []
+    while time.time() < deadline and not found:
+        assert proc.poll() is None, "the run ended before GRPO saved a checkpoint"
+        found = [p for p in checkpoints.glob("*/checkpoints/checkpoint-4/trainer_state.json")
+                 if p.parents[2] not in before]
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only: the stage process must die with it
+    proc.wait()
+    time.sleep(2)
+    version_dir = found[0].parents[2]
+    assert not (root / "artifacts" / "reasoning_grpo" / version_dir.name / "manifest.json").exists()
+    ps = subprocess.run(["pgrep", "-f", f"pipeline.runner {version_dir}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "the stage process outlived the killed orchestrator"
+
+    code, out, err = r1flow("run", *overrides)
+    assert code == 0, err[-3000:]
+    rows = summary_rows(out)
+    assert rows["base"][1] == "cached" and rows["reasoning_grpo"][1] == "ran"
+    log = (root / "work" / "reasoning_grpo" / version_dir.name / "stage.log").read_text()
+    assert "resuming from" in log and "checkpoint-" in log
+    manifest = json.loads((root / "artifacts" / "reasoning_grpo" / version_dir.name / "manifest.json").read_text())
+    history = [json.loads(line) for line in
+               (root / "artifacts" / "reasoning_grpo" / version_dir.name / "log_history.jsonl").read_text().splitlines()]
+    assert max(h.get("step", 0) for h in history) == 8
+    assert manifest["metrics"]
