@@ -151,7 +151,7 @@ def test_prompts_follow_the_schedule_reasoning_first_then_the_mix():
     kinds = dataset["kind"]
     assert len(kinds) == 20 * 4
     assert set(kinds[:60]) == {"reasoning"}  # steps 0-14: reasoning only
-    assert kinds[60:].count("general") == counts["general_prompts"] == 5  # 25% of the last 5 steps x 4 prompts
+    assert kinds[60:].count("general") == counts["general_prompts"] == 9  # 45% of the last 5 steps x 4 prompts
     general = [r for r in dataset if r["kind"] == "general"]
     assert all(r["answer"] is None and r["question"] for r in general)
 
