@@ -40,8 +40,9 @@ def launch_command(hardware: dict, spec_path: str) -> list[str]:
     all stages when the list is absent) as num_processes x num_machines processes, FSDP when hardware.fsdp is set. The
     others (evaluation, rejection sampling, report) stay one process: their vLLM engine spreads over the GPUs itself
     (tensor or data parallel), and N copies of them would each write the whole artifact.
-    Multi-node (num_machines > 1): every node runs the same command; MACHINE_RANK, MAIN_PROCESS_IP and
-    MAIN_PROCESS_PORT come from the environment (README "Several nodes").
+    Multi-node (num_machines > 1): with hardware.node_launcher=srun (inside a Slurm allocation) the command is an
+    `srun` over the nodes that starts one accelerate launcher per node; otherwise the accelerate command itself, with
+    MACHINE_RANK, MAIN_PROCESS_IP and MAIN_PROCESS_PORT from the environment (README "Several nodes").
     """
     module = _spec_module(spec_path)
     if hardware.get("launcher", "python") == "python" or not _distributed(hardware, module):
@@ -63,11 +64,20 @@ def launch_command(hardware: dict, spec_path: str) -> list[str]:
         cmd += ["--fsdp_reshard_after_forward", "true"] if version == 2 else ["--fsdp_sharding_strategy", "FULL_SHARD"]
     else:
         cmd += ["--multi_gpu"] if int(per_node) * machines > 1 else []
-    if machines > 1:  # multi-node: the same command on every node, rank and rendezvous from the environment
+    tail = ["-m", "pipeline.runner", spec_path]
+    port = os.environ.get("MAIN_PROCESS_PORT", "29500")
+    if machines > 1 and hardware.get("node_launcher") == "srun":
+        # Inside a Slurm allocation: one accelerate launcher per node through srun, node rank from SLURM_NODEID, the
+        # first node of the allocation (where the flow runs, so global rank 0 writes the result it waits for) as host.
+        ip = os.environ.get("MAIN_PROCESS_IP")
+        host = shlex.quote(ip) if ip else '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"'
+        inner = (f'{shlex.join(cmd)} --machine_rank "$SLURM_NODEID" --main_process_ip {host} '
+                 f'--main_process_port {shlex.quote(port)} {shlex.join(tail)}')
+        return ["srun", f"--nodes={machines}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", inner]
+    if machines > 1:  # the same command on every node, rank and rendezvous from the environment
         cmd += ["--machine_rank", os.environ.get("MACHINE_RANK", "0"), "--main_process_ip",
-                os.environ.get("MAIN_PROCESS_IP", "127.0.0.1"), "--main_process_port",
-                os.environ.get("MAIN_PROCESS_PORT", "29500")]
-    return cmd + ["-m", "pipeline.runner", spec_path]
+                os.environ.get("MAIN_PROCESS_IP", "127.0.0.1"), "--main_process_port", port]
+    return cmd + tail
 
 
 def _spec_module(spec_path: str) -> str | None:

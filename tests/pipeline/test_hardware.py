@@ -116,6 +116,32 @@ def test_multi_node_counts_processes_over_machines_and_reads_the_rank(tmp_path, 
     assert args.fsdp_version == "2" and "--fsdp_reshard_after_forward" in cmd and "--fsdp_sharding_strategy" not in cmd
 
 
+def test_slurm_multi_node_starts_one_launcher_per_node(tmp_path, monkeypatch):
+    """hardware.node_launcher=srun: an srun over the nodes whose shell line, run on node 1 of the allocation, is the
+    accelerate command with that node's rank and the allocation's first host (checked by running it with echo)."""
+    import os
+    import subprocess
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("MAIN_PROCESS_IP", raising=False)
+    monkeypatch.setattr(sys, "executable", "echo")
+    hw = {"launcher": "accelerate", "num_processes": "auto", "num_machines": 2, "node_launcher": "srun",
+          "bf16": True, "fsdp": "full_shard auto_wrap"}
+    spec = _spec(tmp_path, "cold_start_sft")
+    cmd = runner.launch_command(hw, spec)
+    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (fake / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-[a-b]"}
+    words = subprocess.run(["bash", "-c", cmd[6]], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert words[:2] == ["-m", "accelerate.commands.launch"] and words[-3:] == ["-m", "pipeline.runner", spec]
+    args = _parsed([sys.executable, *words])
+    assert args.num_processes == 16 and args.num_machines == 2 and args.machine_rank == 1
+    assert args.main_process_ip == "gpu-a" and args.main_process_port == 29500 and args.use_fsdp
+
+
 def test_ddp_without_fsdp(tmp_path):
     cmd = runner.launch_command({"launcher": "accelerate", "num_processes": 2, "bf16": False},
                                 _spec(tmp_path, "distill"))
