@@ -8,7 +8,6 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_LOGGING_LEVEL ?= WARNING
 # uv ignores pip's config: reuse pip's find-links (the local CPU torch wheel) when the machine has one.
 FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 UV_FLAGS   := --python $(PY) -c constraints.txt --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
