@@ -14,9 +14,9 @@
    (alignment.preference_rewards_from, a share of max_steps): the prompts are laid out in that order (reasoning only,
    then the mix) and read unshuffled, and the RM rewards return None before that step (trainer_state.global_step).
 
-Metrics: the SFT summary (sft_*), the RL log summary, held-out accuracy and format rate before alignment (after SFT:
-before_*) and after (eval_*), and each reward model's mean score on held-out general prompts before and after
-(before_rm_<name> / eval_rm_<name>). The artifact: a plain save_pretrained model (AutoModelForCausalLM, vLLM), the
+Metrics: the SFT summary (sft_*), the RL log summary, held-out accuracy and format rate (greedy) before alignment
+(after SFT: before_*) and after (eval_*), and each reward model's mean score on held-out general prompts before and
+after (before_rm_<name> / eval_rm_<name>; k sampled responses per prompt at the RL temperature). The artifact: a plain save_pretrained model (AutoModelForCausalLM, vLLM), the
 RL log_history.jsonl (as the GRPO stage writes it: per step rewards per function, including each reward model's mean
 score, held-out accuracy, length, KL, ...) with rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with
 sft_loss.png.
@@ -154,13 +154,19 @@ def _reasoning_row(r: dict, acfg) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Measurements before / after alignment
 
-def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, *, template: str, max_new_tokens: int) -> dict:
-    """Greedy responses to held-out general prompts, scored by each reward model in its scope: {name: mean}."""
+def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, cfg) -> dict:
+    """Mean score of each reward model (in its scope) over cfg.eval_rm_samples responses per held-out general prompt,
+    sampled at cfg.eval_rm_temperature (the RL temperature: the policy that was optimised), seeded: {name: mean}."""
+    import torch
+
     if not prompts or not rms:
         return {}
-    ids = [training.prompt_ids(tokenizer, r["prompt"], template) for r in prompts]
-    texts = [t for t, _ in training.generate(model, tokenizer, ids, max_new_tokens=max_new_tokens)]
-    questions = [r["prompt"] for r in prompts]
+    k = int(cfg.eval_rm_samples)
+    ids = [training.prompt_ids(tokenizer, r["prompt"], str(cfg.template)) for r in prompts for _ in range(k)]
+    torch.manual_seed(int(cfg.seed))
+    texts = [t for t, _ in training.generate(model, tokenizer, ids, max_new_tokens=int(cfg.eval_max_new_tokens),
+                                             temperature=float(cfg.eval_rm_temperature))]
+    questions = [r["prompt"] for r in prompts for _ in range(k)]
     out = {}
     for name, (rm, tok, meta) in rms.items():
         scores = reward_model.score(rm, tok, questions, [reward_model.view(t, meta["scope"]) for t in texts],
@@ -176,8 +182,7 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
         result = training.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
                                    max_new_tokens=int(cfg.eval_max_new_tokens))
         out.update({k: v for k, v in result.items() if k != "samples"})
-    out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, template=str(cfg.template),
-                                                   max_new_tokens=int(cfg.eval_max_new_tokens)).items()})
+    out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, cfg).items()})
     print(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
                                                       if isinstance(v, float)), flush=True)
     return out
@@ -242,9 +247,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     model, tokenizer, sft_metrics, sft_history = merged_sft(cfg, inputs, work_dir, callbacks)
     metrics: dict = {f"sft_{k}": v for k, v in sft_metrics.items()}
 
-    weights = {str(k) for k, v in dict(acfg.rewards).items() if float(v) != 0.0}
-    rms = {name: reward_model.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items()
-           if name in weights and role in inputs}
+    # every reward-model input is loaded: it scores the policy before/after, and rewards it where its weight is not 0
+    rms = {name: reward_model.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items() if role in inputs}
     general_train, general_eval = general_prompts(acfg)
     eval_rows = training.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="rl_eval") \
         if int(cfg.eval_samples or 0) > 0 else []
