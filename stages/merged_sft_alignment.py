@@ -16,10 +16,10 @@
 
 Metrics: the SFT summary (sft_*), the RL log summary, held-out accuracy and format rate (greedy) before alignment
 (after SFT: before_*) and after (eval_*), and each reward model's mean score on held-out general prompts before and
-after (before_rm_<name> / eval_rm_<name>; k sampled responses per prompt at the RL temperature). The artifact: a plain save_pretrained model (AutoModelForCausalLM, vLLM), the
-RL log_history.jsonl (as the GRPO stage writes it: per step rewards per function, including each reward model's mean
-score, held-out accuracy, length, KL, ...) with rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with
-sft_loss.png.
+after (before_rm_<name> / eval_rm_<name>; k sampled responses per prompt at the RL temperature). The artifact: a plain
+save_pretrained model (AutoModelForCausalLM, vLLM), the RL log_history.jsonl (as the GRPO stage writes it: per step
+rewards per function, including each reward model's mean score, held-out accuracy, length, KL, ...) with
+rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with sft_loss.png.
 """
 
 from __future__ import annotations
