@@ -70,8 +70,8 @@ def score(model, tokenizer, questions: list[str], responses: list[str], *, batch
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                             truncation=max_length is not None, max_length=max_length)
-            logits = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-            out.extend(logits.logits[:, 0].float().tolist())
+            output = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+            out.extend(output.logits[:, 0].float().tolist())
     finally:
         tokenizer.truncation_side = side
         if was_training:
