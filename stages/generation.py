@@ -142,6 +142,10 @@ class VLLMGenerator(Generator):
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(vcfg["cpu_omp_threads_bind"]))
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # 21 s -> 2.6 s start-up (module doc)
             kwargs["enforce_eager"] = bool(vcfg.get("enforce_eager", True))
+            # A chunked prefill discards its sampled token and rewinds the request's seeded generator, which CPU
+            # generators cannot do ("CPU Generator does not use offset", vLLM 0.32): once a step's prompts exceed
+            # the token budget, seeded sampling crashes. Whole prefills only on CPU.
+            kwargs["enable_chunked_prefill"] = False
         t0 = time.time()
         from vllm import LLM, SamplingParams
 

@@ -153,3 +153,14 @@ def test_vllm_generate(vllm_generator, tiny_model):
     assert counts == {"shards_total": 3, "shards_resumed": 0, "shards_generated": 3}
     assert sorted(p.name for p in (work / "shards").iterdir()) == ["shard-00000.jsonl", "shard-00001.jsonl",
                                                                    "shard-00002.jsonl"]
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_sampling_beyond_one_steps_token_budget(vllm_generator):
+    # More prompt tokens than one scheduler step takes: with chunked prefill, vLLM 0.32 rewinds the seeded generator
+    # of a partly prefilled request, which CPU generators cannot do ("CPU Generator does not use offset").
+    budget = vllm_generator.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    long_prompt = " ".join(PROMPTS) * 4
+    prompts = [f"{i} {long_prompt}" for i in range(2 * budget // len(long_prompt.split()) + 2)]
+    out = vllm_generator.generate(prompts, n=2, temperature=1.0, top_p=0.95, max_tokens=2, seed=5)
+    assert len(out) == len(prompts) and all(len(samples) == 2 for samples in out)
