@@ -7,15 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.plan import compose_config
-from stages import base, cold_start_sft, training
-
-
-@pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory):
-    cfg = compose_config(["size=smoke", "base.eval_samples=0"]).base
-    out = tmp_path_factory.mktemp("base")
-    base.run(cfg, {}, out, tmp_path_factory.mktemp("base_work"))
-    return out
+from stages import cold_start_sft, training
 
 
 def test_trains_on_messages_and_saves_a_plain_checkpoint(smoke_base, tmp_path):

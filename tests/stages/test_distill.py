@@ -1,7 +1,6 @@
 """Recipe `distill`: SFT of the student on a stage-3 dataset of this run or pinned by version from an earlier one."""
 import json
 import math
-import shutil
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -12,17 +11,9 @@ from stages.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    """The size=smoke base checkpoint as the student, built once per test session (shared with the stage-4 tests)."""
-    from stages import base
-
-    out = tmp_path_factory.getbasetemp() / "stage4_smoke_base"
-    if not (out / "config.json").exists():
-        staging = tmp_path_factory.mktemp("stage4_smoke_base_staging")
-        base.run(compose_config(["size=smoke", "base.eval_samples=0"]).base, {}, staging,
-                 tmp_path_factory.mktemp("stage4_smoke_base_work"))
-        shutil.move(str(staging), str(out))
-    return out
+def student(smoke_base):
+    """The size=smoke base checkpoint as the student."""
+    return smoke_base
 
 
 @pytest.fixture(scope="module")

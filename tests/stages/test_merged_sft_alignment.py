@@ -2,7 +2,6 @@
 reward models score general ones (helpfulness on the summary only), the paper's schedule, and a resumable smoke run."""
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -13,24 +12,6 @@ from pipeline.plan import compose_config, plan
 from stages import merged_sft_alignment as msa
 from stages import models, reward_model
 from stages.errors import UserError
-
-
-def shared_smoke_base(tmp_path_factory):
-    """The size=smoke base checkpoint, built once per test session (shared with test_reward_model / test_distill)."""
-    from stages import base
-
-    out = tmp_path_factory.getbasetemp() / "stage4_smoke_base"
-    if not (out / "config.json").exists():
-        staging = tmp_path_factory.mktemp("stage4_smoke_base_staging")
-        base.run(compose_config(["size=smoke", "base.eval_samples=0"]).base, {}, staging,
-                 tmp_path_factory.mktemp("stage4_smoke_base_work"))
-        shutil.move(str(staging), str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory):
-    return shared_smoke_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

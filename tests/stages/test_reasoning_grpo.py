@@ -7,16 +7,8 @@ import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from pipeline.plan import compose_config
-from stages import base, reasoning_grpo
+from stages import reasoning_grpo
 from stages.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory):
-    cfg = compose_config(["size=smoke", "base.eval_samples=0"]).base
-    out = tmp_path_factory.mktemp("base")
-    base.run(cfg, {}, out, tmp_path_factory.mktemp("base_work"))
-    return out
 
 
 def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):

@@ -2,7 +2,6 @@
 pairwise accuracy on the held-out pairs, responses cut to the RM's scope, and a named checkpoint recorded instead."""
 import json
 import math
-import shutil
 
 import pytest
 from transformers import AutoModelForSequenceClassification
@@ -10,22 +9,6 @@ from transformers import AutoModelForSequenceClassification
 from pipeline.plan import compose_config
 from stages import base, models, reward_model
 from stages.errors import UserError
-
-
-def shared_smoke_base(tmp_path_factory):
-    """The size=smoke base checkpoint, built once per test session (the stage-4 test modules share it)."""
-    out = tmp_path_factory.getbasetemp() / "stage4_smoke_base"
-    if not (out / "config.json").exists():
-        staging = tmp_path_factory.mktemp("stage4_smoke_base_staging")
-        cfg = compose_config(["size=smoke", "base.eval_samples=0"]).base
-        base.run(cfg, {}, staging, tmp_path_factory.mktemp("stage4_smoke_base_work"))
-        shutil.move(str(staging), str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory):
-    return shared_smoke_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
