@@ -52,7 +52,14 @@ def _parse(argv):
     p = sub.add_parser("report")
     p.add_argument("ref", nargs="?", default="report", help="a report or evaluation artifact (NAME[@VERSION])")
     p.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after flags (`stage NAME --force size=smoke`): argparse stops a positional list at
+    # the first flag, so the rest arrive as unknown arguments; anything there that is not key=value is an error.
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if "=" not in a or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(getattr(args, "overrides", [])) + rest
     # An optional positional ref followed by overrides: `r1flow report artifacts_root=X` has no ref.
     if getattr(args, "ref", None) and "=" in args.ref:
         args.overrides.insert(0, args.ref)

@@ -55,3 +55,14 @@ def test_config_prints_the_composed_config(capsys):
 def test_report_takes_overrides_without_a_ref(capsys, tmp_path):
     code, _, err = run_cli(capsys, "report", f"artifacts_root={tmp_path}")
     assert code == 2 and f"no complete 'report' artifact in {tmp_path}" in err
+
+
+def test_overrides_after_a_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "stage", "cold_start_sft", "--force", f"artifacts_root={tmp_path}", "size=smoke")
+    assert code == 2 and "needs input 'model' from stage 'base'" in err and str(tmp_path) in err
+
+
+def test_stray_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["stage", "base", "--force", "--frobnicate"])
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
