@@ -140,3 +140,21 @@ def test_sigkill_during_grpo_then_rerun_resumes_from_checkpoint(store):
                (root / "artifacts" / "reasoning_grpo" / version_dir.name / "log_history.jsonl").read_text().splitlines()]
     assert max(h.get("step", 0) for h in history) == 8
     assert manifest["metrics"]
+
+
+def test_changing_grpo_config_reruns_it_and_what_follows_then_stage_reruns_one(store):
+    overrides, root = store
+    overrides = overrides + ["recipe=r1_zero", "reasoning_grpo.max_steps=2", "reasoning_grpo.save_steps=2"]
+    code, out, err = r1flow("run", *overrides)
+    assert code == 0, err[-3000:]
+    first = summary_rows(out)
+    code, out, err = r1flow("run", *overrides, "reasoning_grpo.learning_rate=1e-6")
+    assert code == 0, err[-3000:]
+    rows = summary_rows(out)
+    assert {name: state for name, (_, state) in rows.items()} == {
+        "base": "cached", "eval_base": "cached", "reasoning_grpo": "ran", "eval_reasoning_grpo": "ran", "report": "ran"}
+    assert rows["base"][0] == first["base"][0] and rows["reasoning_grpo"][0] != first["reasoning_grpo"][0]
+    # `r1flow stage NAME --force` reruns exactly that stage, in place, from the latest versions of its inputs.
+    code, out, err = r1flow("stage", "eval_base", "--force", *overrides)
+    assert code == 0, err[-3000:]
+    assert summary_rows(out) == {"eval_base": (first["eval_base"][0], "ran")}
