@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import abc
 import logging
 import os
 import time
@@ -73,7 +74,7 @@ def _torch_dtype(hardware: dict, on_gpu: bool):
     return torch.float32  # CPU: fp32 (bf16 generate is slower on most CPUs without AMX)
 
 
-class Generator:
+class Generator(abc.ABC):
     """`generate(prompts, n=, temperature=, top_p=, max_tokens=, seed=)` -> one list of n sample dicts per prompt."""
 
     backend: str
@@ -102,8 +103,9 @@ class Generator:
             out.extend(res)
         return out
 
+    @abc.abstractmethod
     def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed) -> list[list[dict]]:
-        raise NotImplementedError
+        """One batch through the backend: n sample dicts per prompt."""
 
     def close(self) -> None:
         pass
