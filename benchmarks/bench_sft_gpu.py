@@ -396,7 +396,8 @@ def project_cfg(overrides=()):
 
     from pipeline.plan import compose_config
 
-    cfg = compose_config(["hardware=gpu", *overrides])
+    hardware = [] if any(o.startswith("hardware=") for o in overrides) else ["hardware=gpu"]
+    cfg = compose_config([*hardware, *overrides])
     return OmegaConf.create(OmegaConf.to_container(cfg.cold_start_sft, resolve=True))
 
 
@@ -506,7 +507,8 @@ def run_grpo(name, hardware=(), base=("hardware=gpu", "model=random_300m")):
     per = lambda key: sum(d for s, d in times[key] if s >= GRPO_SKIP) / max(1, sum(1 for s, _ in times[key]
                                                                                  if s >= GRPO_SKIP))
     step, gen, gen_score = per("step"), per("generate"), per("generate_and_score")
-    history = [json.loads(l) for l in (out_dir / "log_history.jsonl").read_text().splitlines() if l.strip()]
+    log = out_dir / "log_history.jsonl"  # under FSDP only the main process writes it
+    history = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.is_file() else []
     lengths = [e["completions/mean_length"] for e in history if "completions/mean_length" in e]
     samples = int(cfg.prompts_per_step) * int(cfg.num_generations)
     r = {"name": name, "params": n_params, "step_s": round(step, 3), "generate_s": round(gen, 3),
@@ -526,10 +528,18 @@ PROJECT_JOBS = {
     "project_b32_workers2": dict(batch=32, hardware=["hardware.dataloader_workers=2"]),
     "project_b32_backbone": dict(batch=32, hardware=["hardware.compile=backbone"], profile=True),
     "project_b32_nocompile": dict(batch=32, hardware=["hardware.compile=false"]),
+    # pure bf16 weights and AdamW state (what hardware=gpu did before fp32 master weights became the default)
+    "project_b32_bf16_weights": dict(batch=32, hardware=["hardware.weights_dtype=bfloat16"]),
+    # under `accelerate launch --use_fsdp ... --num_processes N` (benchmarks/lent_gpu.sh fsdp): 32 samples per GPU
+    "project_fsdp_b32": dict(batch=32, hardware=["hardware=multi_gpu"]),
 }
 GRPO_JOBS = {
     "grpo_gpu": dict(),
     "grpo_no_liger": dict(hardware=["hardware.liger_kernels=false"]),
+    # under accelerate launch with FSDP: each GPU its own 8 prompts x 8 samples; parameters resharded after every
+    # forward (full_shard) or kept whole from forward to backward (shard_grad_op)
+    "grpo_fsdp": dict(base=("hardware=multi_gpu", "model=random_300m")),
+    "grpo_fsdp_grad_op": dict(base=("hardware=multi_gpu", "model=random_300m"), hardware=["hardware.fsdp=shard_grad_op"]),
 }
 
 
@@ -557,6 +567,7 @@ def main(argv):
         wanted = names or ["trl_defaults", "project_b8", "project_b32"]
         jobs = [(n, (lambda n=n: EXPLORE[n](ds, peak) if n in EXPLORE else
                      run_project(n, ds, peak, model_dir, **PROJECT_JOBS[n]))) for n in wanted]
+    world, main_process = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     for name, job in jobs:
         t = time.time()
         try:
@@ -565,10 +576,18 @@ def main(argv):
             traceback.print_exc()
             r = {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         r["wall_s"] = round(time.time() - t, 1)
-        print(json.dumps(r), flush=True)
+        if world > 1 and "tokens_per_s" in r:  # each process measured its own GPU's tokens: the whole is the sum
+            r.update(gpus=world, tokens_per_s_per_gpu=r["tokens_per_s"], tokens_per_s=r["tokens_per_s"] * world)
+        if world > 1 and "samples_per_step" in r:  # GRPO: each process its own prompts x samples
+            r.update(gpus=world, samples_per_step=r["samples_per_step"] * world)
+        if main_process:
+            print(json.dumps(r), flush=True)
         results.append(r)
         _cleanup()
-    (OUT / f"bench_{mode}.json").write_text(json.dumps({"ceiling_tflops": peak / 1e12, "results": results}, indent=1))
+    if not main_process:
+        return
+    (OUT / f"bench_{mode}{'_fsdp' if world > 1 else ''}.json").write_text(
+        json.dumps({"ceiling_tflops": peak / 1e12, "gpus": world, "results": results}, indent=1))
     if mode == "grpo":
         print(f"\n{'variant':16s} {'step s':>7s} {'gen s':>7s} {'score s':>7s} {'train s':>7s} {'gen %':>6s} "
               f"{'train %':>7s} {'gen tok/s':>9s}")

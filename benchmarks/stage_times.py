@@ -3,10 +3,12 @@ checkpoint's log_history.jsonl).
 
     python benchmarks/stage_times.py hardware=gpu model=random_300m size=smoke          # after `r1flow run <same>`
     python benchmarks/stage_times.py --run hardware=gpu model=random_300m size=smoke    # run missing stages first
+    python benchmarks/stage_times.py --run --stages base,cold_start_sft,reasoning_grpo hardware=multi_gpu ...
 
 `--run` runs the planned stages that are not in the store with pipeline.runner.run_stage, in recipe order: the same
 function the Prefect flow's tasks call (each stage in its own `python -m pipeline.runner spec.json` process, or
-`accelerate launch` for hardware=multi_gpu), for machines where Prefect is not installed.
+`accelerate launch` for hardware=multi_gpu), for machines where Prefect is not installed. `--stages a,b,...` runs and
+reports only those stages of the recipe (their inputs must be in the store or among them).
 
 Columns: seconds (the runner's wall time for the stage, process start to artifact published), train_s (the trainer's
 train_runtime), tokens (TRL's num_tokens: tokens the trainer consumed, SFT stages), tok/s = tokens / train_s, and the
@@ -55,14 +57,23 @@ def main(argv: list[str]) -> int:
     from pipeline.plan import artifacts_root, compose_config, plan, work_root
 
     run = "--run" in argv
-    json_path = None
+    json_path = only = None
     if "--json" in argv:
         json_path = argv[argv.index("--json") + 1]
         argv = [a for a in argv if a != json_path]
+    if "--stages" in argv:
+        only = argv[argv.index("--stages") + 1]
+        argv = [a for a in argv if a != only]
     overrides = [a for a in argv if not a.startswith("--")]
     cfg = compose_config(overrides)
     root, work = artifacts_root(cfg), work_root(cfg)
     stages = plan(cfg)
+    if only:
+        names = only.split(",")
+        unknown = sorted(set(names) - {s.name for s in stages})
+        if unknown:
+            raise SystemExit(f"--stages: {unknown} not in the recipe ({', '.join(s.name for s in stages)})")
+        stages = [s for s in stages if s.name in names]
     if run:
         for stage in stages:
             t = time.time()

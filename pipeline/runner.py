@@ -53,12 +53,14 @@ def launch_command(hardware: dict, spec_path: str) -> list[str]:
 
         per_node = max(torch.cuda.device_count(), 1)
     machines = int(hardware.get("num_machines") or 1)
+    if int(per_node) * machines == 1:  # one GPU in all: the plain process (no FSDP over a single shard)
+        return [sys.executable, "-m", "pipeline.runner", spec_path]
     # accelerate's --num_processes is the total over all machines
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(int(per_node) * machines),
            "--num_machines", str(machines), "--mixed_precision", "bf16" if hardware.get("bf16") else "no",
            "--dynamo_backend", "no"]
     if hardware.get("fsdp"):
-        version = int(hardware.get("fsdp_version") or 1)
+        version = int(hardware.get("fsdp_version") or 2)
         cmd += ["--use_fsdp", "--fsdp_version", str(version), "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                 "--fsdp_state_dict_type", "FULL_STATE_DICT"]
         cmd += ["--fsdp_reshard_after_forward", "true"] if version == 2 else ["--fsdp_sharding_strategy", "FULL_SHARD"]
@@ -145,6 +147,9 @@ def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], N
     t0 = time.time()
     cmd = launch_command(hardware, str(spec_path))
     log(f"running {stage.name}@{stage.version}: {shlex.join(cmd[-3:])}")
+    if int(hardware.get("num_machines") or 1) > 1 and "accelerate.commands.launch" in cmd:
+        # several nodes without Slurm: every other node runs this same command with its own --machine_rank
+        log(f"on every other node, with its --machine_rank: {shlex.join(cmd)}")
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=stage_env(hardware), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
     tail: list[str] = []
@@ -198,6 +203,11 @@ def main(spec_path: str) -> int:
     from omegaconf import OmegaConf
 
     torch.set_num_threads(int(hardware.get("torch_threads", 1)))
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        # under accelerate launch: this process's GPU, so that "cuda" (models loaded before the trainer exists,
+        # reward models, generation) means it rather than GPU 0 in every process
+        torch.cuda.set_device(int(local_rank))
     _set_seed(int(config.get("seed", 0)))
     # `module` names a file in stages/; a dotted path (tests) is imported as given.
     module_name = spec["module"] if "." in spec["module"] else f"stages.{spec['module']}"

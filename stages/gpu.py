@@ -15,6 +15,9 @@
 - `liger_kernels: true`: Liger's Triton RMSNorm, SwiGLU and RoPE (TRL `use_liger_kernel`) for the trainers that are not
   compiled (GRPO, reward models: they also generate or score with the model). The LM head and loss are TRL's own fused,
   chunked head either way.
+- `cudnn_attention: false` (`configure_attention`, every training stage): PyTorch's SDPA may not pick cuDNN's attention
+  kernels. Their backward returns NaN gradients for padded batches of some lengths (below); padded batches then run
+  the memory-efficient kernel, padding-free ones flash attention as before.
 """
 
 from __future__ import annotations
@@ -216,6 +219,24 @@ def uncompile(model):
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
     return model
+
+
+def configure_attention(hardware: Mapping) -> bool:
+    """hardware.cudnn_attention (default false): whether SDPA may use cuDNN attention; returns it (False on CPU).
+
+    cuDNN's SDPA backward (torch 2.11+, H100/H200, the kernel SDPA picks by default there) returns NaN in dQ when an
+    explicit attention mask is passed, the sequence length is 64 mod 128 and some query row's logsumexp is below
+    ln(FLT_MAX) = -88.7, which a fully masked row (a left-padding position) always is: pytorch/pytorch#196678,
+    huggingface/trl#7181. GRPO's batches (left-padded prompts + completions) hit it: on the lent H100 reasoning_grpo
+    (and merged_sft_alignment's RL before it) got a NaN gradient norm mid-run, with bf16 and with fp32 master weights
+    alike, and autograd's anomaly mode named ScaledDotProductCudnnAttentionBackward0; benchmarks/cudnn_sdpa_nan.py
+    reduces it to one padded forward/backward, NaN at lengths 64 and 192 with cuDNN, none without
+    (benchmarks/README.md)."""
+    if str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
+        return False
+    allowed = bool(hardware.get("cudnn_attention", False))
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
+    return allowed
 
 
 def _backbone(model):

@@ -52,6 +52,9 @@ def setup(cfg: Mapping) -> None:
     threads = pick_threads(int(hardware.get("torch_threads") or 1), on_cpu(hardware))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    from stages import gpu
+
+    gpu.configure_attention(hardware)  # GPU: no cuDNN attention (NaN gradients on padded batches, stages/gpu.py)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import datasets
@@ -73,26 +76,45 @@ def setup(cfg: Mapping) -> None:
 def pick_threads(configured: int, cpu: bool) -> int:
     """torch intra-op threads: hardware.torch_threads, lowered on a CPU machine that other processes keep busy.
 
-    Measured on the shared 2-core machine (1.1M-param Qwen3, batch 128 x 40 tokens, train step): alone, 2 threads beat
-    1; with one other busy process, 2 threads took 1.08 s/step against 0.56 s/step for 1 (STACK-NOTES saw 10-50x on
-    small steps), because both threads wait for the slower core at every op. So when the 1-minute load average says
-    the other cores are taken, use only the free ones (at least 1). R1FLOW_TORCH_THREADS forces a number.
+    Measured on the shared 2-core machine (1.1M-param Qwen3, pre-training step): alone, 2 threads 0.29 s/step against
+    0.52 for 1; with one other busy process, 2 threads took 1.08 s/step against 0.56 s/step for 1 (STACK-NOTES saw
+    10-50x on small steps), because both threads wait for the slower core at every op. So when other processes keep
+    cores busy *now*, use only the free ones (at least 1). "Now" is a 0.3 s sample of /proc/stat, not the load average:
+    the 1-minute average still counts the previous stage of the same pipeline for a minute after it ended.
+    R1FLOW_TORCH_THREADS forces a number.
     """
     forced = os.environ.get("R1FLOW_TORCH_THREADS")
     if forced:
         return max(1, int(forced))
     if not cpu or configured <= 1:
         return max(1, configured)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
+    busy = busy_cores()
+    if busy is None:  # pragma: no cover - no /proc (macOS): trust the config
         return configured
     free = (os.cpu_count() or configured) - int(busy + 0.5)
     threads = max(1, min(configured, free))
     if threads != configured:
-        print(f"torch threads: {threads} instead of hardware.torch_threads={configured} (load average {busy:.1f} on "
-              f"{os.cpu_count()} cores; R1FLOW_TORCH_THREADS overrides)", flush=True)
+        print(f"torch threads: {threads} instead of hardware.torch_threads={configured} ({busy:.1f} of "
+              f"{os.cpu_count()} cores busy; R1FLOW_TORCH_THREADS overrides)", flush=True)
     return threads
+
+
+def busy_cores(interval: float = 0.3) -> float | None:
+    """How many cores other processes keep busy, from two /proc/stat samples `interval` seconds apart."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def on_cpu(hardware: Mapping) -> bool:
@@ -100,8 +122,48 @@ def on_cpu(hardware: Mapping) -> bool:
 
 
 def model_dtype(hardware: Mapping) -> str:
-    """Weights in bf16 where the hardware trains in bf16 (GPU), fp32 on CPU."""
-    return "bfloat16" if hardware.get("bf16") and not on_cpu(hardware) else "float32"
+    """The dtype the weights of a model that trains (or scores rewards) are loaded in.
+
+    fp32 on CPU. On a GPU `hardware.weights_dtype` (default float32): fp32 master weights and optimizer state, with the
+    forward and backward in bf16 under autocast (`hardware.bf16`), i.e. standard mixed precision. `bfloat16` keeps the
+    weights themselves in bf16 (half the memory), but then AdamW adds each update to a bf16 weight, which rounds away
+    every update smaller than 2^-8 of the weight: at RL learning rates (1e-6..5e-5) most weights never move
+    (tests/pipeline/test_hardware.py). Under FSDP accelerate keeps fp32 master weights itself (it upcasts).
+    """
+    if on_cpu(hardware):
+        return "float32"
+    dtype = str(hardware.get("weights_dtype") or "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"hardware.weights_dtype={dtype!r}: use float32 (mixed precision) or bfloat16 (pure bf16)")
+    return dtype
+
+
+def world_size() -> int:
+    """Processes of this stage (accelerate launch sets WORLD_SIZE; 1 for a plain `python -m pipeline.runner`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def fsdp_args(hardware: Mapping) -> dict:
+    """TrainingArguments fields for FSDP from `hardware.fsdp` ("full_shard auto_wrap", "shard_grad_op", + "offload")
+    and `hardware.fsdp_version`: an explicit fsdp_config, so the version is the one the launcher was given
+    (transformers 5 otherwise picks FSDP2 whatever accelerate launch said). Each decoder layer is its own FSDP unit;
+    the final model is gathered whole on the main process (save_model); trainer checkpoints hold the full state."""
+    opts = str(hardware.get("fsdp") or "").replace(",", " ").split()
+    version = int(hardware.get("fsdp_version") or 2)
+    strategies = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
+    strategy = next((o for o in opts if o in strategies), "full_shard")
+    if version == 2 and strategy not in ("full_shard", "shard_grad_op"):
+        raise UserError(f"hardware.fsdp={hardware.get('fsdp')!r}: FSDP2 shards as full_shard or shard_grad_op; "
+                        f"{strategy} needs hardware.fsdp_version=1")
+    config = {"version": version, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+              "reshard_after_forward": (strategy == "full_shard") if version == 2 else strategy}
+    if "offload" in opts:
+        config["cpu_offload"] = True
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def hardware_args(hardware: Mapping) -> dict:
@@ -123,8 +185,8 @@ def hardware_args(hardware: Mapping) -> dict:
             args["use_liger_kernel"] = True
         else:
             print("hardware.liger_kernels=true but liger-kernel is not installed: training without it", flush=True)
-    if hardware.get("fsdp"):
-        args["fsdp"] = hardware["fsdp"]
+    if hardware.get("fsdp") and world_size() > 1:  # FSDP only where the launcher started several processes
+        args.update(fsdp_args(hardware))
     return args
 
 
@@ -221,6 +283,11 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
             trainer.state = TrainerState.load_from_json(str(state_file))
             return start
         print(f"resuming from {checkpoint} (global_step {start})", flush=True)
+    if getattr(trainer, "is_fsdp_enabled", False) and world_size() > 1:
+        # transformers' generate keeps every process stepping until all are done (synced_gpus) only for models it
+        # knows to be FSDP-managed, and accelerate's FSDP does not mark them: without it, GRPO's generation and the
+        # held-out checks deadlock in the layers' all-gathers as soon as two processes stop after different lengths.
+        trainer.model._is_fsdp_managed_module = True
     trainer.train(resume_from_checkpoint=checkpoint)
     return start
 
@@ -257,8 +324,9 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.time()
         self.start_step = state.global_step
-        print(f"{self.name}: training to step {state.max_steps}"
-              + (f" (resumed at {state.global_step})" if state.global_step else ""), flush=True)
+        if state.is_world_process_zero:
+            print(f"{self.name}: training to step {state.max_steps}"
+                  + (f" (resumed at {state.global_step})" if state.global_step else ""), flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -269,7 +337,7 @@ class ProgressCallback(TrainerCallback):
         for key, value in logs.items():  # per reward function: rewards/<name>/mean
             if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
                 parts.append(f"{key.split('/')[1]}={_fmt(value)}")
-        if len(parts) > 1:
+        if len(parts) > 1 and state.is_world_process_zero:  # several processes (FSDP): one line, not one each
             if self.t0 is not None and state.global_step > self.start_step:
                 per_step = (time.time() - self.t0) / (state.global_step - self.start_step)
                 parts.append(f"s/step={per_step:.2f}")
@@ -290,8 +358,9 @@ class HeldoutEvalCallback(TrainerCallback):
         entry = {f"heldout/{k}": v for k, v in result.items() if k != "samples"}
         entry["step"] = state.global_step
         state.log_history.append(entry)
-        print(f"step {state.global_step}/{state.max_steps} heldout_acc={_fmt(result['accuracy'])} "
-              f"heldout_fmt={_fmt(result['format_rate'])} heldout_len={_fmt(result['mean_length'])}", flush=True)
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}/{state.max_steps} heldout_acc={_fmt(result['accuracy'])} "
+                  f"heldout_fmt={_fmt(result['format_rate'])} heldout_len={_fmt(result['mean_length'])}", flush=True)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.every > 0 and state.global_step == 0 and model is not None:
@@ -378,9 +447,15 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, batch_size: int = 256) -> list[tuple[str, int]]:
     """(decoded completion, completion length in tokens) for each prompt; greedy when temperature == 0."""
+    import contextlib
+
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
+    device = weight.device
+    # fp32 master weights on a GPU (hardware.weights_dtype=float32) generate in bf16, as they train: autocast
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and weight.dtype == torch.float32 \
+        and torch.cuda.is_bf16_supported() else contextlib.nullcontext()
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
@@ -397,7 +472,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
         kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        with amp:
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         for row, i in enumerate(idx):
             completion = out[row, width:].tolist()
             n = len(completion)
@@ -543,8 +619,14 @@ def _printer_callback():
 # Saving
 
 def save_model(model, tokenizer, output_dir: str | Path) -> None:
-    """A plain transformers checkpoint (safetensors) that AutoModelForCausalLM and vLLM load directly."""
+    """A plain transformers checkpoint (safetensors) that AutoModelForCausalLM and vLLM load directly.
+
+    Under FSDP (several processes) every process must call it: the full state dict is gathered onto the main
+    process's CPU, the main process writes it, the others wait for it at a barrier."""
     output_dir = Path(output_dir)
+    if fsdp_sharded(model):
+        _save_sharded(model, tokenizer, output_dir)
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
     if hasattr(model, "merge_and_unload"):
@@ -553,17 +635,49 @@ def save_model(model, tokenizer, output_dir: str | Path) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
+def fsdp_sharded(model) -> bool:
+    """Whether model's weights are sharded over several processes by FSDP (1: a wrapper module; 2: fully_shard)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover  (torch < 2.6)
+        FSDPModule = FullyShardedDataParallel
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+def _save_sharded(model, tokenizer, output_dir: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # a collective: every process takes part; the main process receives the full tensors on its CPU, the others {}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plain = getattr(model, "module", model)  # FSDP1: the wrapped model; FSDP2 shards the model in place
+        plain.save_pretrained(output_dir, state_dict=state)
+        tokenizer.save_pretrained(output_dir)
+    del state
+    dist.barrier()
+
+
 def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = False) -> dict:
-    """Save model + tokenizer, log_history.jsonl and plots into output_dir; return the log history's summary."""
+    """Save model + tokenizer, log_history.jsonl and plots into output_dir; return the log history's summary.
+    Under FSDP every process calls it (the weights are gathered) and the main process writes."""
     from stages import plots
 
     output_dir = Path(output_dir)
     save_model(model, tokenizer, output_dir)
     history = list(trainer.state.log_history)
-    write_log_history(history, output_dir / LOG_HISTORY)
-    if rl:
-        plots.plot_rl(history, output_dir / "rl_curves.png")
-    plots.plot_loss(history, output_dir / "loss.png")
+    if is_main_process():
+        write_log_history(history, output_dir / LOG_HISTORY)
+        if rl:
+            plots.plot_rl(history, output_dir / "rl_curves.png")
+        plots.plot_loss(history, output_dir / "loss.png")
     metrics = summarize(history)
     metrics["global_step"] = int(trainer.state.global_step)
     metrics["resumed_from_step"] = int(getattr(trainer, "resumed_from", 0))

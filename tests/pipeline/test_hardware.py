@@ -87,9 +87,20 @@ def test_multi_gpu_launches_trainers_with_accelerate_fsdp(tmp_path, monkeypatch)
     cmd = runner.launch_command(hw, spec)
     args = _parsed(cmd)
     assert args.num_processes == 4 and args.num_machines == 1 and args.mixed_precision == "bf16"
-    assert args.use_fsdp and args.fsdp_sharding_strategy == "FULL_SHARD"
+    assert args.use_fsdp and args.fsdp_version == "2" and "--fsdp_reshard_after_forward" in cmd
     assert args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP" and args.fsdp_state_dict_type == "FULL_STATE_DICT"
     assert cmd[-3:] == ["-m", "pipeline.runner", spec] and "--machine_rank" not in cmd
+    fsdp1 = _parsed(runner.launch_command({**hw, "fsdp_version": 1}, spec))
+    assert fsdp1.fsdp_version == "1" and fsdp1.fsdp_sharding_strategy == "FULL_SHARD"
+
+
+def test_multi_gpu_on_one_gpu_runs_the_plain_process(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    hw = OmegaConf.to_container(compose_config(["hardware=multi_gpu"]).hardware)
+    spec = _spec(tmp_path, "cold_start_sft")
+    assert runner.launch_command(hw, spec) == [sys.executable, "-m", "pipeline.runner", spec]
 
 
 def test_multi_gpu_keeps_generation_stages_in_one_process(tmp_path, monkeypatch):
@@ -232,3 +243,90 @@ def test_compile_mode_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="hardware.compile"):
         gpu.compile_for_training(_tiny_model(), {"device": "cuda", "compile": "everything"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Precision and FSDP arguments
+
+def test_gpu_trains_fp32_master_weights_under_bf16_autocast(monkeypatch):
+    """hardware=gpu: models that train load in fp32 (AdamW's updates land on fp32 weights), the trainer computes in
+    bf16 (autocast); hardware.weights_dtype=bfloat16 is pure bf16. A CPU never loads bf16."""
+    from stages import training
+    from stages.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("gpu", "multi_gpu"):
+        hw = dict(compose_config([f"hardware={name}"]).hardware)
+        assert training.model_dtype(hw) == "float32" and hw["bf16"]
+    hw = dict(compose_config(["hardware=gpu", "hardware.weights_dtype=bfloat16"]).hardware)
+    assert training.model_dtype(hw) == "bfloat16"
+    assert training.model_dtype({"device": "cuda", "bf16": True}) == "float32"  # an older node without the key
+    assert training.model_dtype(dict(compose_config(["hardware=cpu"]).hardware)) == "float32"
+    with pytest.raises(UserError, match="weights_dtype"):
+        training.model_dtype({"device": "cuda", "weights_dtype": "float16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.model_dtype(hw) == "float32"
+
+
+def test_bf16_weights_lose_small_adamw_updates_fp32_master_weights_keep_them():
+    """Why weights_dtype defaults to float32: one AdamW step at an RL learning rate leaves bf16 weights of ordinary
+    size unchanged (the update is below bf16's resolution), while fp32 weights move by about the learning rate."""
+    torch.manual_seed(0)
+    init = torch.randn(4096) * 0.5
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.nn.Parameter(init.to(dtype).clone())
+        opt = torch.optim.AdamW([w], lr=1e-5, weight_decay=0.0)
+        w.grad = torch.randn_like(w)
+        opt.step()
+        moved[dtype] = (w.detach().float() != init.to(dtype).float()).float().mean().item()
+    assert moved[torch.float32] > 0.99
+    assert moved[torch.bfloat16] < 0.05
+
+
+def test_fsdp_arguments_only_for_several_processes(monkeypatch):
+    from trl import SFTConfig
+
+    from stages import training
+    from stages.errors import UserError
+
+    hw = dict(compose_config(["hardware=multi_gpu"]).hardware)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "fsdp" not in training.hardware_args(hw)  # one process (multi_gpu on a 1-GPU node): plain training
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = training.hardware_args(hw)
+    assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
+    assert args["fsdp_config"]["reshard_after_forward"] is True
+    assert args["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    grad_op = training.fsdp_args({**hw, "fsdp": "shard_grad_op auto_wrap"})["fsdp_config"]
+    assert grad_op["reshard_after_forward"] is False
+    v1 = training.fsdp_args({**hw, "fsdp_version": 1, "fsdp": "hybrid_shard auto_wrap offload"})["fsdp_config"]
+    assert v1["version"] == 1 and v1["reshard_after_forward"] == "hybrid_shard" and v1["cpu_offload"]
+    with pytest.raises(UserError, match="fsdp_version=1"):
+        training.fsdp_args({**hw, "fsdp": "hybrid_shard"})
+    # transformers accepts them and builds accelerate's FSDP plugin of that version from them
+    monkeypatch.delenv("WORLD_SIZE")
+    config = SFTConfig(output_dir="unused", use_cpu=True, report_to="none", gradient_checkpointing=False,
+                       **training.fsdp_args(hw))
+    assert config.fsdp_plugin_args["fsdp_version"] == 2 and config.fsdp_plugin_args["reshard_after_forward"] is True
+
+
+def test_training_setup_turns_cudnn_attention_off_on_gpus(monkeypatch):
+    """cuDNN's SDPA backward returns NaN for padded batches of some lengths (stages/gpu.configure_attention):
+    hardware=gpu and multi_gpu train without it unless hardware.cudnn_attention=true; a CPU run leaves it alone."""
+    from stages import training
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        for name in ("gpu", "multi_gpu"):
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            training.setup({"hardware": dict(compose_config([f"hardware={name}"]).hardware), "seed": 0})
+            assert not torch.backends.cuda.cudnn_sdp_enabled(), name
+        training.setup({"hardware": dict(compose_config(["hardware=gpu", "hardware.cudnn_attention=true"]).hardware)})
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        training.setup({"hardware": dict(compose_config(["hardware=cpu"]).hardware)})
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

@@ -2,6 +2,8 @@
 import json
 import math
 
+import time
+
 import pytest
 from transformers import TrainerControl, TrainerState
 from trl import GRPOConfig, SFTConfig
@@ -35,15 +37,37 @@ def test_gpu_hardware_gives_bf16_and_the_fused_optimizer(tmp_path):
 
 
 def test_thread_choice(monkeypatch):
-    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(training, "busy_cores", lambda: 0.1)
     monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
     monkeypatch.delenv("R1FLOW_TORCH_THREADS", raising=False)
     assert training.pick_threads(2, cpu=True) == 2
-    monkeypatch.setattr(training.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    monkeypatch.setattr(training, "busy_cores", lambda: 0.9)
     assert training.pick_threads(2, cpu=True) == 1  # one core busy elsewhere: one thread
     assert training.pick_threads(2, cpu=False) == 2
     monkeypatch.setenv("R1FLOW_TORCH_THREADS", "2")
     assert training.pick_threads(2, cpu=True) == 2
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import multiprocessing
+
+    idle = training.busy_cores(0.3)
+    stop = multiprocessing.Event()
+    spinner = multiprocessing.Process(target=_spin, args=(stop,))
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        busy = training.busy_cores(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert 0.0 <= idle <= training.os.cpu_count()
+    assert busy >= 0.7, (idle, busy)  # one core fully taken by the spinner
+
+
+def _spin(stop):
+    while not stop.is_set():
+        pass
 
 
 def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path):

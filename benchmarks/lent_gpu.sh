@@ -1,0 +1,111 @@
+#!/bin/bash
+# The GPU runs of benchmarks/README.md as they were made on a lent machine of this workplace (2 x H200, bare image with
+# torch/transformers/accelerate/peft; trl, datasets, hydra, prefect, ... travel as wheels in .whl, see
+# ../shared/STACK-NOTES.md). Each function is one batch of work; logs go to $OUT.
+#
+#   bash benchmarks/lent_gpu.sh nan        # merged_sft_alignment's NaN: reproduce with bf16 weights, probe, fp32 weights
+#   bash benchmarks/lent_gpu.sh scaling    # 2 GPUs (hardware=multi_gpu) vs 1 GPU (hardware=gpu); the SFT benchmark
+#   bash benchmarks/lent_gpu.sh recipe1    # the whole r1 recipe on one GPU through the Prefect flow
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+setup() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .whl/prefect/*.whl || exit 1
+  export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+  export PREFECT_HOME=/tmp/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
+  nvidia-smi -L
+  python3 -c 'import torch, transformers, trl, accelerate; print(torch.__version__, transformers.__version__, trl.__version__, accelerate.__version__, torch.cuda.device_count())'
+}
+
+SMOKE="model=random_300m size=smoke evaluate.backend=hf"
+
+reap() {  # ranks a killed launcher left behind hold the GPUs: this script started them; end them by id
+  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 "$pid"; done 2>/dev/null
+}
+
+# The whole r1 recipe on one GPU through the Prefect flow, then its per-stage table.
+recipe() {
+  local gpu=$1
+  ( export CUDA_VISIBLE_DEVICES=$gpu
+    t=$(date +%s)
+    timeout "${RECIPE_TIMEOUT:-565}" python -m pipeline.cli run hardware=gpu $SMOKE artifacts_root=/tmp/art_r1 \
+      work_root=/tmp/work_r1
+    echo "== recipe rc=$? wall $(( $(date +%s) - t )) s"
+    python benchmarks/stage_times.py hardware=gpu $SMOKE artifacts_root=/tmp/art_r1 work_root=/tmp/work_r1 \
+      --json "$OUT/recipe_stages.json" ) > "$OUT/recipe.log" 2>&1
+}
+
+# The NaN of the GPU runs: the stages as they ran before (pure bf16 weights) up to the first NaN, then the probe on
+# the failing stage in-process: anomaly mode with bf16 weights; bf16 weights without the step-2 checkpoint; fp32
+# master weights.
+nan_diag() {
+  local gpu=$1 stage=${NAN_STAGE:-reasoning_grpo}
+  A="hardware=gpu $SMOKE artifacts_root=/tmp/art_nan work_root=/tmp/work_nan"
+  ( export CUDA_VISIBLE_DEVICES=$gpu
+    python benchmarks/stage_times.py --run --stages ${NAN_INPUTS:-base,cold_start_sft} $A hardware.weights_dtype=bfloat16
+  ) > "$OUT/nan_chain.log" 2>&1
+  export CUDA_VISIBLE_DEVICES=$gpu
+  timeout 100 python benchmarks/nan_probe.py $stage $A hardware.weights_dtype=bfloat16 anomaly > "$OUT/probe_bf16.log" 2>&1
+  timeout 100 python benchmarks/nan_probe.py $stage $A hardware.weights_dtype=bfloat16 $stage.save_steps=1000 \
+    > "$OUT/probe_bf16_nosave.log" 2>&1
+  timeout 100 python benchmarks/nan_probe.py $stage $A hardware.weights_dtype=float32 > "$OUT/probe_fp32.log" 2>&1
+}
+
+nan() {
+  setup > "$OUT/setup.log" 2>&1 || exit 1
+  nan_diag 0
+  grep -h "step [0-9]\|== \|Error" "$OUT/nan_chain.log" | tail -n 30; grep -h "probe:" "$OUT"/probe_*.log | cut -c1-600
+}
+
+recipe1() {
+  setup > "$OUT/setup.log" 2>&1 || exit 1
+  recipe 0
+  tail -n 30 "$OUT/recipe.log"
+}
+
+# Scaling: the same stages and budgets on 2 GPUs (hardware=multi_gpu: accelerate launch, FSDP2) and on one GPU of the
+# same machine (hardware=gpu), compile off in both (multi_gpu.yaml has it off). First the cuDNN attention NaN, reduced;
+# at the end the SFT benchmark's project path with fp32 master weights (the default now) and pure bf16 weights, GPU 1.
+BUDGET="model=random_300m size=smoke evaluate.backend=hf hardware.compile=false cold_start_sft.max_samples=null \
+cold_start_sft.num_train_epochs=3 cold_start_sft.save_steps=1000 reasoning_grpo.max_steps=12 \
+reasoning_grpo.prompts_per_step=8 reasoning_grpo.num_generations=8 reasoning_grpo.max_completion_length=64 \
+reasoning_grpo.save_steps=6"
+scaling() {
+  { setup && CUDA_VISIBLE_DEVICES=0 timeout 60 python benchmarks/cudnn_sdpa_nan.py; } > "$OUT/cudnn.log" 2>&1
+  timeout "${MULTI_TIMEOUT:-330}" python benchmarks/stage_times.py --run --stages base,cold_start_sft,reasoning_grpo \
+    hardware=multi_gpu $BUDGET artifacts_root=/tmp/art_2g work_root=/tmp/work_2g --json "$OUT/two_gpus.json" \
+    > "$OUT/two_gpus.log" 2>&1
+  echo "== two gpus rc=$?" >> "$OUT/two_gpus.log"
+  reap
+  mkdir -p /tmp/art_1g && cp -r /tmp/art_2g/base /tmp/art_1g/ 2>/dev/null
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python benchmarks/stage_times.py --run \
+    --stages base,cold_start_sft,reasoning_grpo hardware=gpu $BUDGET artifacts_root=/tmp/art_1g work_root=/tmp/work_1g \
+    --json "$OUT/one_gpu.json" > "$OUT/one_gpu.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python benchmarks/bench_sft_gpu.py project project_b32_workers2 \
+    project_b32_bf16_weights > "$OUT/bench.log" 2>&1 &
+  wait
+  tail -n 12 "$OUT/cudnn.log"; grep -h -A6 "^stage " "$OUT/two_gpus.log" "$OUT/one_gpu.log"; tail -n 8 "$OUT/bench.log"
+}
+
+# FSDP at the benchmark shapes: the SFT benchmark (0.37B, lengths 128..2048, 32 samples per GPU) and the GRPO step
+# (random_300m, 8 prompts x 8 samples per GPU, 96 tokens) on one GPU (compile off, as under FSDP) and on 2 GPUs.
+LAUNCH="python -m accelerate.commands.launch --num_processes 2 --num_machines 1 --mixed_precision bf16 \
+--dynamo_backend no --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
+--fsdp_state_dict_type FULL_STATE_DICT --fsdp_reshard_after_forward true"
+fsdp() {  # at most 8 files come back: 4 logs + the benchmark's 4 JSON files
+  setup > "$OUT/sft_1gpu.log" 2>&1 || exit 1
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python benchmarks/bench_sft_gpu.py project project_b32_nocompile \
+    >> "$OUT/sft_1gpu.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 100 python benchmarks/bench_sft_gpu.py grpo grpo_no_liger > "$OUT/grpo_1gpu.log" 2>&1 &
+  wait
+  timeout 100 $LAUNCH benchmarks/bench_sft_gpu.py project project_fsdp_b32 > "$OUT/sft_2gpu.log" 2>&1; reap
+  timeout 90 $LAUNCH benchmarks/bench_sft_gpu.py grpo grpo_fsdp > "$OUT/grpo_2gpu.log" 2>&1; reap
+  timeout 90 $LAUNCH benchmarks/bench_sft_gpu.py grpo grpo_fsdp_grad_op >> "$OUT/grpo_2gpu.log" 2>&1
+  for f in sft_1gpu sft_2gpu grpo_1gpu grpo_2gpu; do
+    echo "== $f"; grep -h -A3 "^variant" "$OUT/$f.log" || tail -n 5 "$OUT/$f.log"; done
+}
+
+"$@"

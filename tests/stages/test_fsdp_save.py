@@ -1,0 +1,73 @@
+"""stages.training.save_model under FSDP: two CPU processes (gloo) shard a tiny Qwen3 with FSDP2's fully_shard, as
+accelerate does under `hardware=multi_gpu`, and save it; what is on disk must be the whole model, written once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model_and_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
+                                        eos_token="t1", pad_token="t2")
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                         eos_token_id=1, pad_token_id=2, bos_token_id=1)
+    return Qwen3ForCausalLM(config), tokenizer
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from stages import training
+
+        model, tokenizer = _model_and_tokenizer()
+        assert not training.fsdp_sharded(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:  # what accelerate's TRANSFORMER_BASED_WRAP does: a unit per decoder layer
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert training.fsdp_sharded(model)
+        local = model.model.embed_tokens.weight.to_local()
+        assert local.shape[0] == 64 // world  # really sharded: each process holds half the rows
+        training.save_model(model, tokenizer, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_save_gathers_the_whole_model_and_writes_it_once(tmp_path):
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "model"
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+
+    reference, _ = _model_and_tokenizer()
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    expected = reference.state_dict()
+    got = saved.state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert saved.config.architectures == ["Qwen3ForCausalLM"]  # not FSDP2's FSDPQwen3ForCausalLM
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    assert (out / "tokenizer.json").is_file()
