@@ -26,6 +26,12 @@ def test_r1_zero_uses_its_template_and_starts_grpo_from_base(tmp_path):
     assert stages["reasoning_grpo"].config["template"] == "r1_zero"
     assert stages["reasoning_grpo"].inputs == {"model": "base"}
     assert "cold_start_sft" not in stages
+    # the paper's R1-Zero rewards: accuracy and format, no language consistency (that came with R1)
+    from stages import rewards
+
+    weights = {k: float(v) for k, v in stages["reasoning_grpo"].config["rewards"].items()}
+    funcs, _ = rewards.build_reward_functions({k: v for k, v in weights.items() if v}, template="r1_zero")
+    assert sorted(f.__name__ for f in funcs) == ["accuracy", "format"]
 
 
 def test_merged_sft_starts_from_the_base_not_the_rl_checkpoint(tmp_path):
