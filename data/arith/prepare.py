@@ -28,9 +28,11 @@ R1_ZERO_TEMPLATE = (
 WORDS = {
     "en": {"write": "write", "carry": "carry", "borrow": "borrow", "so": "so", "first": "first", "then": "then",
            "need": "We need {e}.", "final": "So {e}={a}", "summary": "The answer is \\boxed{{{a}}}",
+           "plain_summary": "The answer is {a}.",
            "q": "Question", "sol": "Solution", "ans": "Answer"},
     "ru": {"write": "пишем", "carry": "переносим", "borrow": "занимаем", "so": "итак", "first": "сначала",
            "then": "затем", "need": "Нужно найти {e}.", "final": "Итак, {e}={a}", "summary": "Ответ: \\boxed{{{a}}}",
+           "plain_summary": "Ответ: {a}.",
            "q": "Вопрос", "sol": "Решение", "ans": "Ответ"},
 }
 
@@ -566,7 +568,7 @@ def build(seed: int, *, n_train: int, n_eval: int, n_cold: int, n_pretrain: int,
             pretrain.append({"text": r1_zero_line(p)})
         elif kind == "template_bare":
             pretrain.append({"text": R1_ZERO_TEMPLATE.format(prompt=p["prompt"]) + " "
-                                     + w["summary"].replace("\\boxed{{{a}}}", "{a}.").format(a=p["answer"])})
+                                     + w["plain_summary"].format(a=p["answer"])})
         elif kind == "worked":
             pretrain.append({"text": f"{w['q']}: {p['prompt']} {w['sol']}: {short_reasoning(p)}. {w['ans']}: "
                                      f"{p['answer']}"})
