@@ -92,11 +92,11 @@ def reward_functions(acfg, rms: dict, *, from_step: int):
     """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows, the reward models for general rows."""
     from stages import rewards
 
-    weights = {str(k): float(v) for k, v in dict(acfg.rewards).items() if float(v) != 0.0}
+    weights = {str(k): float(v) for k, v in dict(acfg.rewards).items()}
     extra = {name: rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
                              max_length=meta.get("max_length"), batch_size=int(acfg.rm_batch_size))
              for name, (model, tok, meta) in rms.items()}
-    missing = sorted(set(RM_INPUTS) & set(weights) - set(extra))
+    missing = sorted(set(RM_INPUTS) & {k for k, v in weights.items() if v} - set(extra))
     if missing:
         raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
     funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),

@@ -149,7 +149,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     _, revision = models.model_source(Path(inputs["model"]))
     model, tokenizer = training.load_policy(inputs["model"], cfg.hardware)
     dataset = build_dataset(cfg)
-    weights = {str(k): float(v) for k, v in dict(cfg.rewards).items() if float(v) != 0.0}
+    weights = {str(k): float(v) for k, v in dict(cfg.rewards).items()}
     funcs, reward_weights = rewards.build_reward_functions(weights, template=cfg.template,
                                                            language=cfg.get("language"))
     ckpt = Path(work_dir) / training.CHECKPOINT_DIR

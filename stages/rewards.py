@@ -1168,12 +1168,13 @@ def build_reward_functions(
 ) -> tuple[list, list[float]]:
     """``{name: weight}`` (the stage config's ``rewards``) -> (reward functions for TRL, their weights).
 
-    Each function's ``__name__`` is its config name. ``bind``: kwargs every function receives unless the dataset has
+    A weight of 0 switches a reward off (a recipe turns a default reward off that way: Hydra merges the stage's
+    ``rewards`` dict with the recipe's). Each function's ``__name__`` is its config name. ``bind``: kwargs every function receives unless the dataset has
     that column (e.g. ``template="r1_zero"``, ``language="en"``, ``verify_timeout=2``,
     ``max_completion_length=1024``). ``extra_rewards``: more name -> function entries, looked up before
     :data:`REWARDS` (a ``torch.nn.Module`` reward model is passed to TRL as is).
     """
-    if weights is None or not len(weights):
+    if weights is None or not any(w != 0 for w in dict(weights).values()):
         raise UserError("no rewards configured: set `rewards: {accuracy: 1.0, format: 1.0}` (name -> weight)")
     registry = dict(REWARDS)
     registry.update(extra_rewards or {})
@@ -1190,6 +1191,8 @@ def build_reward_functions(
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise UserError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
+        if weight == 0:
+            continue
         fn = registry[name]
         if _is_torch_module(fn):
             funcs.append(fn)

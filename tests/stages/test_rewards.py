@@ -532,6 +532,13 @@ def test_registry_names():
             "repetition_penalty"} <= set(REWARDS)  # fmt: skip
 
 
+def test_a_zero_weight_switches_a_reward_off():
+    funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 0.0, "language_consistency": 0})
+    assert [f.__name__ for f in funcs] == ["accuracy"] and weights == [1.0]
+    with pytest.raises(UserError, match="no rewards"):
+        build_reward_functions({"accuracy": 0.0})
+
+
 def test_build_reward_functions_from_config():
     funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 1.0, "language_consistency": 0.1})
     assert [f.__name__ for f in funcs] == ["accuracy", "format", "language_consistency"]
