@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_generation.py                 # tiny (~1M) and medium (~25M) models, both backends
     .venv/bin/python benchmarks/bench_generation.py --models tiny --repeats 1
 
-Models are random-init Qwen3s built offline in a temporary directory (stages/models.py: the task-world tokenizer,
+Models are random-init Qwen3s built offline in a temporary directory (stages/shared/models.py: the task-world tokenizer,
 vocab 512): `tiny` is conf/model/tiny.yaml's architecture, `medium` hidden 512 x 8 layers. Each (model, backend) pair
-runs in its own process through stages/generation.py (one engine start, not timed in tokens/s), one warm-up call, then
+runs in its own process through stages/shared/generation.py (one engine start, not timed in tokens/s), one warm-up call, then
 `--repeats` timed calls; the median is reported. Random weights rarely emit end-of-sequence, so nearly every sample runs
 to max_tokens on both backends (the count of generated tokens is what is divided). CPU contention from other processes
 distorts both numbers: check `uptime` and say so when you quote them.
@@ -13,7 +13,7 @@ distorts both numbers: check `uptime` and say so when you quote them.
 Measured 2026-11-23 on the shared 2-core machine, other jobs running (load average 4-8), 16 x 8 x 64 tokens, median of 3:
   --threads 1: tiny (1.12M)  vLLM 5610 / HF 2637 tokens/s = 2.1x;  medium (25.7M) vLLM 850 / HF 382 = 2.2x
   --threads 2: tiny          vLLM  737 / HF  376          = 2.0x;  medium         vLLM 142 / HF  65 = 2.2x
-vLLM runs in-process on CPU (stages/generation.py), which is why it now beats HF even on the tiny model (STACK-NOTES
+vLLM runs in-process on CPU (stages/shared/generation.py), which is why it now beats HF even on the tiny model (STACK-NOTES
 measured ~0.5x with vLLM's engine subprocess). With the cores contended, 2 threads were 6-8x slower than 1 for both.
 """
 
@@ -42,7 +42,7 @@ CORPUS = ["data/arith/pretrain.jsonl", "data/arith/cold_start.jsonl", "data/arit
 def build(out: Path, arch: dict) -> int:
     import torch
 
-    from stages.models import build_model, build_tokenizer
+    from stages.shared.models import build_model, build_tokenizer
 
     tok = build_tokenizer([ROOT / c for c in CORPUS], 512)
     torch.manual_seed(0)
@@ -53,8 +53,8 @@ def build(out: Path, arch: dict) -> int:
 
 
 def prompts(k: int, model_dir: str) -> list[str]:
-    from stages.models import load_tokenizer
-    from stages.templates import render_prompt
+    from stages.shared.models import load_tokenizer
+    from stages.shared.templates import render_prompt
 
     tok = load_tokenizer(model_dir)
     rows = [json.loads(x) for x in (ROOT / "data/arith/rl_train.jsonl").read_text().splitlines()[:k]]
@@ -65,7 +65,7 @@ def measure(args) -> dict:
     """Child process: one backend on one model."""
     import torch
 
-    from stages.generation import open_generator
+    from stages.shared.generation import open_generator
 
     torch.set_num_threads(args.threads)
     hardware = {"device": "cpu", "vllm": {"enforce_eager": True, "cpu_kvcache_space_gib": 1,

@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import rewards  # noqa: E402
+from stages.shared import rewards  # noqa: E402
 
 
 def make_batch(n: int, seed: int) -> tuple[list[str], list[str]]:

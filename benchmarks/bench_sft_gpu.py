@@ -5,13 +5,13 @@ The shape is ../shared/bench/gpu_sft_anchor.py's: a random-init Qwen3 of 0.37B p
 128..2048. Tokens/s counts real (non-pad) tokens over timed steps (after warm-up, CUDA-synchronised); MFU is
 6 * N * tokens/s over the bf16 matmul rate measured in the same process (N = all parameters, as the anchor counts).
 
-    python benchmarks/bench_sft_gpu.py             # project: TRL defaults vs stages.training.sft with hardware=gpu
+    python benchmarks/bench_sft_gpu.py             # project: TRL defaults vs stages.shared.trainers.sft with hardware=gpu
     python benchmarks/bench_sft_gpu.py explore     # the variants that chose conf/hardware/gpu.yaml's settings
     python benchmarks/bench_sft_gpu.py explore pf_b32 raw_compile_b32   # some of them
     python benchmarks/bench_sft_gpu.py project trl_defaults project_b32 project_b32_backbone  # named variants
     python benchmarks/bench_sft_gpu.py grpo        # reasoning_grpo's run() on random_300m: generation/training split
 
-`project` runs exactly what cold_start_sft runs (stages.training.load_policy + stages.training.sft on the stage's
+`project` runs exactly what cold_start_sft runs (stages.shared.trainers.load_policy + stages.shared.trainers.sft on the stage's
 composed config with hardware=gpu); only the data (random tokens) and the step budget are the benchmark's. Results go
 to stdout (a table last) and, with $OUT set, to $OUT/bench_sft_gpu.json and per-variant profiler tables.
 """
@@ -263,21 +263,21 @@ def run_trl(name, ds, peak, *, batch=8, attn=None, padding_free=False, liger=Fal
             **sft_kwargs):
     from trl import SFTConfig, SFTTrainer
 
-    from stages import gpu
+    from stages.shared import attention
 
     tok = tokenizer()
     m = build_model()
     n_params = sum(p.numel() for p in m.parameters())
     if attn:
-        gpu.set_attention(m, attn)
+        attention.set_attention(m, attn)
     if liger:
-        gpu.apply_liger(m)
-    gpu.compile_for_training(m, {"device": "cuda", "compile": compile})
+        attention.apply_liger(m)
+    attention.compile_for_training(m, {"device": "cuda", "compile": compile})
     meter = Meter(name, profile)
     args = SFTConfig(output_dir=str(OUT / f"ckpt_{name}"), report_to=[], save_strategy="no", logging_steps=1000,
                      max_steps=WARM + TIMED + (PROFILED if profile else 0), learning_rate=1e-4, bf16=True,
                      max_length=2048, per_device_train_batch_size=batch, disable_tqdm=True, **sft_kwargs)
-    collator = gpu.padding_free_collator(tok) if padding_free else None
+    collator = attention.padding_free_collator(tok) if padding_free else None
     tr = SFTTrainer(model=m, args=args, train_dataset=ds, processing_class=tok, data_collator=collator,
                     callbacks=[meter.callback()])
     meter.wrap(tr)
@@ -292,19 +292,19 @@ def run_raw(name, ds, peak, *, batch=32, compile=True, liger=False, profile=Fals
     """No Trainer: the same model, collator, fused LM head and fused AdamW in a bare loop (what the Trainer costs)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from stages import gpu
+    from stages.shared import attention
 
     tok = tokenizer()
     m = build_model().cuda()
     n_params = sum(p.numel() for p in m.parameters())
-    gpu.set_attention(m, gpu.VARLEN)
+    attention.set_attention(m, attention.VARLEN)
     if liger:
-        gpu.apply_liger(m)
-    gpu.compile_for_training(m, {"device": "cuda", "compile": compile})
+        attention.apply_liger(m)
+    attention.compile_for_training(m, {"device": "cuda", "compile": compile})
     add_fused_lm_head(m, outputs=("log_probs",))
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-    collate = gpu.padding_free_collator(tok)
+    collate = attention.padding_free_collator(tok)
     meter = Meter(name, profile)
     rows = ds.with_format(None)
     for step in range(WARM + TIMED + (PROFILED if profile else 0)):
@@ -362,7 +362,7 @@ def check_varlen() -> dict:
     head_dim 64 as benchmarked): relative error of logits and of the gradients, fresh random inputs."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from stages import gpu
+    from stages.shared import attention
 
     cfg = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
@@ -371,9 +371,9 @@ def check_varlen() -> dict:
     ref.set_attn_implementation("sdpa")
     var = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
     var.load_state_dict(ref.state_dict())
-    used = gpu.set_attention(var, gpu.VARLEN)
+    used = attention.set_attention(var, attention.VARLEN)
     rows = [{"input_ids": torch.randint(3, 512, (n,)).tolist()} for n in (37, 300, 5, 129)]
-    b = gpu.padding_free_collator(tokenizer())(rows)
+    b = attention.padding_free_collator(tokenizer())(rows)
     b = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in b.items()}
     out = var(input_ids=b["input_ids"], position_ids=b["position_ids"], cu_seq_lens_q=b["cu_seq_lens_q"],
               cu_seq_lens_k=b["cu_seq_lens_k"], max_length_q=b["max_length_q"], max_length_k=b["max_length_k"]).logits[0]
@@ -402,18 +402,18 @@ def project_cfg(overrides=()):
 
 
 def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False):
-    """stages.training.load_policy + stages.training.sft exactly as cold_start_sft calls them (hardware=gpu, plus
+    """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them (hardware=gpu, plus
     `hardware` overrides such as hardware.compile=backbone)."""
     from trl import SFTTrainer
 
-    from stages import training
+    from stages.shared import trainers
 
     cfg = project_cfg([f"cold_start_sft.per_device_train_batch_size={batch}", "cold_start_sft.max_length=2048",
                        "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
                        "cold_start_sft.warmup_ratio=0.0", "cold_start_sft.logging_steps=1000",
                        "cold_start_sft.save_steps=100000", *hardware])
-    training.setup(cfg)
-    model, tok = training.load_policy(model_dir, cfg.hardware)
+    hardware.setup(cfg)
+    model, tok = trainers.load_policy(model_dir, cfg.hardware)
     n_params = sum(p.numel() for p in model.parameters())
     meter = Meter(name, profile)
     work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
@@ -426,7 +426,7 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False)
 
     SFTTrainer.__init__ = patched_init
     try:
-        model, trainer = training.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
+        model, trainer = trainers.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
                                       max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
                                       save_strategy="no")
     finally:
@@ -454,8 +454,9 @@ def run_grpo(name, hardware=(), base=("hardware=gpu", "model=random_300m")):
     from trl import GRPOTrainer
 
     from pipeline.plan import compose_config
-    from stages import data as data_mod
-    from stages import models, reasoning_grpo
+    from stages.shared import data as data_mod
+    from stages.shared import models
+    from stages import reasoning_grpo
 
     full = compose_config([*base, f"reasoning_grpo.max_steps={GRPO_STEPS}",
                            "reasoning_grpo.prompts_per_step=8", "reasoning_grpo.num_generations=8",

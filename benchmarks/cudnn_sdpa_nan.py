@@ -24,7 +24,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from pipeline.plan import compose_config
-    from stages import gpu
+    from stages.shared import attention
 
     arch = dict(compose_config(["model=random_300m"]).base.model.architecture)
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def main() -> int:
         labels = ids.masked_fill(mask == 0, -100)
         for cudnn in (True, False):
             for weights in ("float32", "bfloat16"):
-                gpu.configure_attention({"device": "cuda", "cudnn_attention": cudnn})
+                attention.configure_attention({"device": "cuda", "cudnn_attention": cudnn})
                 model.to(getattr(torch, weights))
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -52,7 +52,7 @@ def main() -> int:
                 bad = sum(not torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
                 failures[(length, cudnn, weights)] = bad
                 print(f"{length:>6} {str(cudnn):>6} {weights:>8} {bad:>17} {loss.item():>8.4f}", flush=True)
-    gpu.configure_attention({"device": "cuda", "cudnn_attention": False})
+    attention.configure_attention({"device": "cuda", "cudnn_attention": False})
     clean = all(v == 0 for (length, cudnn, _), v in failures.items() if not cudnn)
     print(f"without cuDNN attention: {'no' if clean else 'SOME'} non-finite gradients; with it: "
           f"{sorted({k[0] for k, v in failures.items() if k[1] and v})} lengths gave NaN")

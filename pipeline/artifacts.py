@@ -32,8 +32,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.data import sha256_file  # noqa: F401  (also part of this module's API)
-from stages.errors import UserError
+from stages.shared.data import sha256_file, write_atomic  # noqa: F401  (sha256_file: also this module's API)
+from stages.shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ def _fsync(path: Path) -> None:
 
 
 def _write_manifest(d: Path, manifest: dict) -> None:
-    tmp = d / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, d / MANIFEST)
+    write_atomic(d / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _library_versions() -> dict[str, str | None]:

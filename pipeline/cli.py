@@ -81,7 +81,7 @@ def cmd_status(overrides) -> int:
 def _resolve(root: str, ref: str) -> tuple[str, str]:
     """NAME@VERSION, or NAME for its latest complete version."""
     from pipeline import artifacts
-    from stages.errors import UserError
+    from stages.shared.errors import UserError
 
     name, version = artifacts.parse_ref(ref)
     version = version or artifacts.latest(root, name)
@@ -129,7 +129,7 @@ def _preflight(overrides, only) -> None:
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     _prefect_env()
-    from stages.errors import UserError
+    from stages.shared.errors import UserError
 
     try:
         if args.command == "config":

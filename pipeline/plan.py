@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import artifacts
-from stages.data import sha256_file
-from stages.errors import UserError
+from stages.shared.data import sha256_file
+from stages.shared.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"

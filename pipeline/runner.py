@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import importlib
 import json
+import logging
 import os
 import random
 import shlex
@@ -27,7 +28,8 @@ from typing import Callable
 
 from pipeline import artifacts
 from pipeline.plan import PROJECT_ROOT, Stage
-from stages.errors import UserError
+from stages.shared.data import write_json
+from stages.shared.errors import UserError
 
 RESULT_FILE = "_stage_result.json"
 USER_ERROR_FILE = "user_error.txt"
@@ -185,30 +187,20 @@ def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], N
     return {"cached": False, "version": stage.version, "metrics": result["metrics"], "seconds": time.time() - t0}
 
 
-def _set_seed(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def main(spec_path: str) -> int:
     """Child side: import the stage module and call its run()."""
     spec = json.loads(Path(spec_path).read_text())
     config = spec["config"]
-    hardware = config.get("hardware", {})
     import torch
     from omegaconf import OmegaConf
 
-    torch.set_num_threads(int(hardware.get("torch_threads", 1)))
+    # the stages log (logging, not print): plain lines on stdout, which the runner tees into stage.log and Prefect
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and torch.cuda.is_available():
         # under accelerate launch: this process's GPU, so that "cuda" (models loaded before the trainer exists,
         # reward models, generation) means it rather than GPU 0 in every process
         torch.cuda.set_device(int(local_rank))
-    _set_seed(int(config.get("seed", 0)))
     # `module` names a file in stages/; a dotted path (tests) is imported as given.
     module_name = spec["module"] if "." in spec["module"] else f"stages.{spec['module']}"
     module = importlib.import_module(module_name)
@@ -221,10 +213,7 @@ def main(spec_path: str) -> int:
         (work_dir / USER_ERROR_FILE).write_text(str(e))
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate only the main process reports
-        tmp = tempfile.NamedTemporaryFile("w", dir=output_dir, delete=False, suffix=".tmp")
-        json.dump({"metrics": metrics or {}}, tmp)
-        tmp.close()
-        os.replace(tmp.name, output_dir / RESULT_FILE)
+        write_json(output_dir / RESULT_FILE, {"metrics": metrics or {}})
     return 0
 
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages import training
-from stages.errors import UserError
+from stages.shared import hardware, heldout, logs, trainers
+from stages.shared.errors import UserError
 
 
 def build_dataset(cfg):
     """The SFT dataset: `messages` rows, the user turn rendered by the stage's template, at most cfg.max_samples."""
     from datasets import Dataset
 
-    from stages import data, templates
+    from stages.shared import data, templates
 
     rows = data.load_rows(cfg.train_file, ["messages"], "cold_start_sft.train_file")
     if cfg.get("max_difficulty") is not None:
@@ -48,36 +48,28 @@ def build_dataset(cfg):
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
-    training.setup(cfg)
-    model, tokenizer = training.load_policy(inputs["model"], cfg.hardware)
+    hardware.setup(cfg)
+    model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
     dataset = build_dataset(cfg)
     print(f"cold_start_sft: {len(dataset)} samples", flush=True)
-    rows = training.eval_rows(cfg.eval_file, int(cfg.get("eval_samples") or 0), name="cold_start_sft.eval_file") \
+    rows = heldout.eval_rows(cfg.eval_file, int(cfg.get("eval_samples") or 0), name="cold_start_sft.eval_file") \
         if cfg.get("eval_samples") else []
     template = cfg.get("template") or "r1"
     metrics: dict = {"samples": len(dataset)}
     if rows:
         before = _heldout(model, tokenizer, rows, cfg, template, "before")
-        metrics.update(training.eval_metrics("before", before))
+        metrics.update(heldout.eval_metrics("before", before))
     t0 = time.time()
-    fields = {}
-    if not cfg.get("packing"):
-        fields["train_sampling_strategy"] = "group_by_length"
-    model, trainer = training.sft(cfg, model, tokenizer, dataset, work_dir, name="cold_start_sft",
-                                  callbacks=callbacks, **fields)
+    model, trainer = trainers.sft(cfg, model, tokenizer, dataset, work_dir, name="cold_start_sft",
+                                  callbacks=callbacks)
     metrics["train_seconds"] = time.time() - t0
-    metrics.update(training.finish(output_dir, model, tokenizer, trainer))
+    metrics.update(trainers.finish(output_dir, model, tokenizer, trainer))
     if rows:
         after = _heldout(model, tokenizer, rows, cfg, template, "after")
-        metrics.update(training.eval_metrics("eval", after))
-    return training.clean_metrics(metrics)
+        metrics.update(heldout.eval_metrics("eval", after))
+    return logs.clean_metrics(metrics)
 
 
 def _heldout(model, tokenizer, rows, cfg, template, label) -> dict:
-    result = training.evaluate(model, tokenizer, rows, template=template,
-                               max_new_tokens=int(cfg.get("eval_max_new_tokens", 128)), keep_samples=2)
-    for s in result.pop("samples", []):
-        print(f"  {s['prompt']!r} -> {s['completion']!r} (gold {s['gold']})", flush=True)
-    print(f"cold_start_sft: held-out {label}: accuracy={result['accuracy']:.3f} format={result['format_rate']:.3f} "
-          f"len={result['mean_length']:.1f}", flush=True)
-    return result
+    return heldout.check(model, tokenizer, rows, template=template, max_new_tokens=int(cfg.eval_max_new_tokens),
+                         label=label)

@@ -3,7 +3,7 @@
 For every benchmark -- the held-out split `cfg.eval_file` (named `heldout`) and each entry of `cfg.benchmarks`
 ({name: file entry}, e.g. MATH-500 / AIME 2024 from the hub or a local Parquet/JSONL with `columns`) -- each question
 is sampled k = `num_samples` times at `temperature` (0.6) and `top_p` (0.95), prompts rendered with `cfg.template`
-(r1: chat template; r1_zero: the paper's plain-text template). One generator (stages/generation.py: vLLM where
+(r1: chat template; r1_zero: the paper's plain-text template). One generator (stages/shared/generation.py: vLLM where
 installed, else transformers) serves all benchmarks of the stage: one engine start.
 
 Per question, from its k samples:
@@ -46,7 +46,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from stages.errors import UserError
+from stages.shared import data
+from stages.shared.errors import UserError
 
 HELDOUT = "heldout"
 RECORDS = "records.jsonl"
@@ -205,7 +206,7 @@ def summarize(records: Sequence[dict]) -> dict:
 def load_benchmark(spec: Any, name: str, max_questions: int | None = None) -> list[dict]:
     """Rows {id, prompt, answer, language?} of a benchmark file entry (a path, {path, columns} or {hub, split,
     columns}); `columns` maps ours (prompt, answer, id) to theirs (MATH-500: {prompt: problem, answer: answer})."""
-    from stages import data
+    from stages.shared import data
 
     tag = f"benchmark_{name}"
     try:
@@ -246,7 +247,7 @@ def benchmark_specs(cfg) -> dict[str, Any]:
 
 
 def _rewards():
-    from stages import rewards
+    from stages.shared import rewards
 
     return rewards
 
@@ -257,7 +258,7 @@ def score_samples(texts: Sequence[Sequence[str]], golds: Sequence[str], *, templ
     format flags and language scores, through the rewards module -- `verify_batch` (math-verify, time-bounded; None =
     the gold answer does not parse: scored wrong and flagged), `format_reward` for the template,
     `language_consistency_reward` (the reasoning part). One batched call each for all questions given."""
-    from stages import templates
+    from stages.shared import templates
 
     rewards = _rewards()
     flat = [t for ts in texts for t in ts]
@@ -305,13 +306,6 @@ def _read_shard(path: Path, n_prompts: int, k: int) -> dict | None:
     return shard
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False))
-    tmp.replace(path)
-
-
 def auto_max_model_len(source: str, revision: str | None, trust: bool, tokenizer, prompts: Sequence[str],
                        max_tokens: int) -> int | None:
     """The engine context when evaluate.max_model_len is null: the longest prompt plus max_tokens, capped at the
@@ -330,8 +324,9 @@ def auto_max_model_len(source: str, revision: str | None, trust: bool, tokenizer
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
-    from stages import models, templates
+    from stages.shared import hardware, models, templates
 
+    hardware.setup(cfg)
     if "model" not in inputs:
         raise UserError(f"evaluate needs an input with role `model` (a checkpoint); got roles {sorted(inputs)}")
     template = templates.check_template(cfg.get("template", "r1"))
@@ -357,7 +352,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     backends: set[str] = set()
     t0 = time.time()
     if todo:
-        from stages.generation import open_generator
+        from stages.shared.generation import open_generator
 
         hardware = dict(cfg.get("hardware") or {})
         max_model_len = cfg.get("max_model_len") or auto_max_model_len(
@@ -371,7 +366,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 bench_seed = seed + zlib.crc32(name.encode()) % 1_000_003 * 1000 + start * k
                 samples = gen.generate(batch, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                        seed=bench_seed)
-                _write_json(_shard_path(work_dir, name, start), {"backend": gen.backend, "samples": samples})
+                data.write_json(_shard_path(work_dir, name, start), {"backend": gen.backend, "samples": samples})
                 print(f"evaluate: {name} questions {start}..{start + len(batch) - 1} done "
                       f"({time.time() - t0:.1f} s)", flush=True)
     gen_seconds = time.time() - t0
@@ -411,7 +406,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                   f"len={s['mean_length']:.1f} ({s['n_questions']} questions)", flush=True)
 
     backend = "+".join(sorted(backends))
-    _write_json(Path(output_dir) / SUMMARY, {
+    data.write_json(Path(output_dir) / SUMMARY, {
         "benchmarks": summary, "k": k, "backend": backend, "template": template, "temperature": temperature,
         "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "vote_equivalence": equivalent is not None,
         "model": {"source": source if revision is None else f"{source}@{revision}"},

@@ -6,7 +6,7 @@
    SFT model is kept in work_dir/sft/model, so a crash during RL does not redo it.
 2. Alignment RL (work_dir/alignment): TRL GRPOTrainer from the merged-SFT model on a mix of reasoning prompts and
    general prompts (a `kind` column). Reasoning prompts get the rule rewards (accuracy, format, language consistency,
-   stages/rewards.py); general prompts get the reward models (inputs helpfulness_rm / harmlessness_rm, stage
+   stages/shared/rewards/); general prompts get the reward models (inputs helpfulness_rm / harmlessness_rm, stage
    reward_model): helpfulness on the SUMMARY only (the response after </think>; the model never sees the reasoning),
    harmlessness on the WHOLE response -- each RM's scope comes from its artifact. Every reward returns None for the
    other kind, and TRL leaves a None out of that row's weighted sum (NaN + nansum; a group is one prompt, so one
@@ -32,8 +32,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages import reward_model, training
-from stages.errors import UserError
+from stages.shared import data, generation, hardware, heldout, logs, reward_models, trainers
+from stages.shared.errors import UserError
 
 RM_INPUTS = {"helpfulness": "helpfulness_rm", "harmlessness": "harmlessness_rm"}  # reward name -> input role
 GENERAL, REASONING = "general", "reasoning"
@@ -61,39 +61,12 @@ class ForKind:
         return out
 
 
-def rm_reward(name: str, model, tokenizer, *, scope: str, from_step: int = 0, batch_size: int = 64,
-              max_length: int | None = None):
-    """A reward function `name` scoring completions with a sequence-classification reward model (batched, no grad).
-
-    scope `summary`: the RM reads only the part after </think>; `whole`: the entire response. Before step `from_step`
-    (trainer_state.global_step) it returns None. Rows carry their question in the `question` column (else the last
-    user turn of the prompt is used)."""
-    from stages import templates
-
-    def reward(completions, prompts=None, question=None, trainer_state=None, **kwargs) -> list:
-        if trainer_state is not None and trainer_state.global_step < from_step:
-            return [None] * len(completions)
-        texts = [reward_model.view(templates.completion_text(c), scope) for c in completions]
-        questions = question or [_last_user(p) for p in prompts]
-        return reward_model.score(model, tokenizer, list(questions), texts, batch_size=batch_size,
-                                  max_length=max_length)
-
-    reward.__name__ = reward.__qualname__ = name
-    return reward
-
-
-def _last_user(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
-
-
 def reward_functions(acfg, rms: dict, *, from_step: int):
     """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows, the reward models for general rows."""
-    from stages import rewards
+    from stages.shared import rewards
 
     weights = {str(k): float(v) for k, v in dict(acfg.rewards).items()}
-    extra = {name: rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
+    extra = {name: reward_models.rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
                              max_length=meta.get("max_length"), batch_size=int(acfg.rm_batch_size))
              for name, (model, tok, meta) in rms.items()}
     missing = sorted(set(RM_INPUTS) & {k for k, v in weights.items() if v} - set(extra))
@@ -109,7 +82,7 @@ def reward_functions(acfg, rms: dict, *, from_step: int):
 
 def general_prompts(acfg) -> tuple[list[dict], list[dict]]:
     """(training, held-out) general prompts: the last acfg.eval_general_prompts rows are held out for the RM scores."""
-    from stages import data
+    from stages.shared import data
 
     rows = data.load_rows(acfg.general_prompts_file, ["prompt"], "general_prompts")
     n_eval = int(acfg.eval_general_prompts)
@@ -124,7 +97,7 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
     general_share of general prompts (shuffled within each part, prompts cycled where a file runs short)."""
     from datasets import Dataset
 
-    from stages import data, templates
+    from stages.shared import data, templates
 
     rng = random.Random(int(acfg.seed))
     reasoning = data.load_rows(acfg.reasoning_prompts_file, ["prompt", "answer"], "rl_train")
@@ -145,7 +118,7 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
 
 
 def _reasoning_row(r: dict, acfg) -> dict:
-    from stages import templates
+    from stages.shared import templates
 
     return {"prompt": templates.format_prompt(r["prompt"], acfg.template), "question": r["prompt"],
             "answer": str(r["answer"]), "language": r.get("language") or acfg.language, "kind": REASONING}
@@ -162,14 +135,15 @@ def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, cfg) -> dict:
     if not prompts or not rms:
         return {}
     k = int(cfg.eval_rm_samples)
-    ids = [training.prompt_ids(tokenizer, r["prompt"], str(cfg.template)) for r in prompts for _ in range(k)]
+    ids = [heldout.prompt_ids(tokenizer, r["prompt"], str(cfg.template)) for r in prompts for _ in range(k)]
     torch.manual_seed(int(cfg.seed))
-    texts = [t for t, _ in training.generate(model, tokenizer, ids, max_new_tokens=int(cfg.eval_max_new_tokens),
-                                             temperature=float(cfg.eval_rm_temperature))]
+    texts = [s["text"] for s in generation.hf_generate(model, tokenizer, ids,
+                                                       max_new_tokens=int(cfg.eval_max_new_tokens),
+                                                       temperature=float(cfg.eval_rm_temperature))]
     questions = [r["prompt"] for r in prompts for _ in range(k)]
     out = {}
     for name, (rm, tok, meta) in rms.items():
-        scores = reward_model.score(rm, tok, questions, [reward_model.view(t, meta["scope"]) for t in texts],
+        scores = reward_models.score(rm, tok, questions, [reward_models.view(t, meta["scope"]) for t in texts],
                                     max_length=meta.get("max_length"))
         out[name] = sum(scores) / len(scores)
     print(f"  {questions[0]!r} -> {texts[0]!r}", flush=True)
@@ -179,7 +153,7 @@ def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, cfg) -> dict:
 def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dict], rms: dict, label: str) -> dict:
     out = {}
     if eval_rows:
-        result = training.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
+        result = heldout.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
                                    max_new_tokens=int(cfg.eval_max_new_tokens))
         out.update({k: v for k, v in result.items() if k != "samples"})
     out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, cfg).items()})
@@ -192,7 +166,7 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
 # The stage
 
 def _node(cfg, part: str):
-    """cfg.<part> with the stage-level seed, hardware and language pulled in (what training.* and TRL configs read)."""
+    """cfg.<part> with the stage-level seed, hardware and language pulled in (what trainers.* and TRL configs read)."""
     node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
     for key in ("seed", "hardware", "language", "template"):
         node.setdefault(key, cfg.get(key))
@@ -202,29 +176,26 @@ def _node(cfg, part: str):
 def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
     """SFT of the BASE checkpoint on the stage-3 dataset; (model, tokenizer, metrics, log_history). Reuses
     work_dir/sft/model when a previous attempt finished it."""
-    from stages import distill
-
     sft_dir = work_dir / "sft"
     done = sft_dir / "model"
     if (done / "metrics.json").is_file():
         print(f"merged_sft_alignment: merged SFT already done ({done})", flush=True)
-        model, tokenizer = training.load_policy(done, cfg.hardware)
+        model, tokenizer = trainers.load_policy(done, cfg.hardware)
         saved = json.loads((done / "metrics.json").read_text())
         return model, tokenizer, saved["metrics"], saved["log_history"]
     scfg = _node(cfg, "sft")
-    model, tokenizer = training.load_policy(inputs["base"], cfg.hardware)
-    dataset, kinds = distill.sft_dataset(inputs["dataset"], scfg.get("max_samples"))
+    model, tokenizer = trainers.load_policy(inputs["base"], cfg.hardware)
+    dataset, kinds = data.sft_dataset(inputs["dataset"], scfg.get("max_samples"))
     print(f"merged_sft_alignment: merged SFT of the base model {inputs['base']} on {len(dataset)} samples {kinds}",
           flush=True)
     t0 = time.time()
-    model, trainer = training.sft(scfg, model, tokenizer, dataset, sft_dir, name="merged_sft", callbacks=callbacks,
-                                  **distill.sft_fields(scfg))
+    model, trainer = trainers.sft(scfg, model, tokenizer, dataset, sft_dir, name="merged_sft", callbacks=callbacks)
     history = list(trainer.state.log_history)
-    metrics = {**training.summarize(trainer.state.log_history), "train_seconds": time.time() - t0,
+    metrics = {**logs.summarize(trainer.state.log_history), "train_seconds": time.time() - t0,
                "samples": len(dataset), **{f"samples_{k}": v for k, v in kinds.items()},
                "global_step": int(trainer.state.global_step)}
-    training.save_model(model, tokenizer, done)
-    (done / "metrics.json").write_text(json.dumps({"metrics": training.clean_metrics(metrics),
+    trainers.save_model(model, tokenizer, done)
+    (done / "metrics.json").write_text(json.dumps({"metrics": logs.clean_metrics(metrics),
                                                    "log_history": history}))
     return model, tokenizer, metrics, history
 
@@ -235,12 +206,12 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
                         "not from the RL checkpoint); see conf/recipe/r1.yaml")
     from trl import GRPOTrainer
 
-    from stages import plots, reasoning_grpo
+    from stages.shared import plots
 
-    training.setup(cfg)
+    hardware.setup(cfg)
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     acfg = _node(cfg, "alignment")
-    reasoning_grpo.check_vllm(acfg)
+    trainers.check_vllm(acfg)
     max_steps = int(acfg.max_steps)
     from_step = int(round(float(acfg.preference_rewards_from) * max_steps))
 
@@ -248,9 +219,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     metrics: dict = {f"sft_{k}": v for k, v in sft_metrics.items()}
 
     # every reward-model input is loaded: it scores the policy before/after, and rewards it where its weight is not 0
-    rms = {name: reward_model.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items() if role in inputs}
+    rms = {name: reward_models.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items() if role in inputs}
     general_train, general_eval = general_prompts(acfg)
-    eval_rows = training.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="rl_eval") \
+    eval_rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="rl_eval") \
         if int(cfg.eval_samples or 0) > 0 else []
     before_file = work_dir / "sft" / "model" / "before_alignment.json"
     if before_file.is_file():
@@ -264,25 +235,25 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     dataset, counts = rl_dataset(acfg, general_train, from_step)
     metrics.update({f"rl_{k}": v for k, v in counts.items()})
     acfg = OmegaConf.merge(acfg, {"shuffle": False})  # the prompts' order is the schedule (see rl_dataset)
-    ckpt = work_dir / "alignment" / training.CHECKPOINT_DIR
-    args = reasoning_grpo.grpo_config(acfg, ckpt, list(reward_weights))
+    ckpt = work_dir / "alignment" / trainers.CHECKPOINT_DIR
+    args = trainers.grpo_args(acfg, ckpt, list(reward_weights))
     print(f"merged_sft_alignment: alignment RL, {counts}, rewards {dict(acfg.rewards)}, preference rewards from step "
           f"{from_step}/{max_steps}, G={args.num_generations} x {acfg.prompts_per_step} prompts/step, "
           f"T={args.temperature}, beta={args.beta}, loss={args.loss_type}", flush=True)
-    extra = [training.ProgressCallback("alignment")]
+    extra = []
     if eval_rows and int(acfg.get("eval_steps") or 0) > 0:
-        extra.append(training.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
+        extra.append(heldout.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
                                                   every=int(acfg.eval_steps),
                                                   max_new_tokens=int(cfg.eval_max_new_tokens)))
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[*extra, *(callbacks or [])])
-    trainer.remove_callback(training._printer_callback())
+    trainer = trainers.build_trainer(GRPOTrainer, name="alignment", callbacks=[*extra, *(callbacks or [])],
+                                     model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                     processing_class=tokenizer)
     t0 = time.time()
-    trainer.resumed_from = training.train(trainer, ckpt)
+    trainers.train(trainer, ckpt)
     metrics["train_seconds"] = time.time() - t0
     metrics["preference_rewards_from_step"] = from_step
-    metrics.update(training.finish(output_dir, trainer.model, tokenizer, trainer, rl=True))
-    training.write_log_history(sft_history, output_dir / SFT_LOG_HISTORY)
+    metrics.update(trainers.finish(output_dir, trainer.model, tokenizer, trainer, rl=True))
+    logs.write_log_history(sft_history, output_dir / SFT_LOG_HISTORY)
     plots.plot_loss(sft_history, output_dir / "sft_loss.png", title="merged SFT loss")
 
     after = measure(trainer.model, tokenizer, cfg, eval_rows, general_eval, rms, "after alignment")
@@ -290,4 +261,4 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     for key in ("accuracy", *(f"rm_{n}" for n in rms)):
         if key in before and key in after:
             metrics[f"delta_{key}"] = after[key] - before[key]
-    return training.clean_metrics(metrics)
+    return logs.clean_metrics(metrics)

@@ -1,7 +1,7 @@
 """Stage `rejection_sampling` (paper v1 §2.3.3): k samples per prompt from the RL checkpoint, keep the good ones, merge
 them with non-reasoning SFT data into one dataset -- the input of stage-4 SFT and of distillation.
 
-1. Generate (stages/generation.py: vLLM, else HF generate) in shards of `shard_size` prompts, each written atomically
+1. Generate (stages/shared/generation.py: vLLM, else HF generate) in shards of `shard_size` prompts, each written atomically
    to `work_dir/shards/shard-00012.jsonl` as it finishes: a crash loses at most one shard, a rerun skips finished ones.
 2. Filter each sample (every filter on by default; `filters.*` false/null turns one off), in this order, counting the
    first filter that drops it: truncation (finish_reason == length), format (one think block, a summary, an extractable
@@ -28,10 +28,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from stages import data
-from stages.data import load_rows
-from stages.errors import UserError
-from stages.templates import split_reasoning
+from stages.shared import data
+from stages.shared.data import load_rows
+from stages.shared.errors import UserError
+from stages.shared.templates import split_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def is_truncated(sample: Mapping) -> bool:
 def well_formed(text: str, template: str = "r1", think_prefilled: bool = False) -> bool:
     """The format reward's definition (stages/rewards.is_well_formed): one ordered, non-empty think block, then a
     non-empty summary (r1) or `<answer>...</answer>` (r1_zero)."""
-    from stages.rewards import is_well_formed
+    from stages.shared.rewards import is_well_formed
 
     return is_well_formed(text, template, think_prefilled)
 
@@ -98,13 +98,13 @@ def canonical_response(text: str) -> str:
 
 def correctness_verdicts(pairs: list[tuple[str, Any]]) -> list[bool | None]:
     """Rule-based check of (response text, gold answer) pairs: True / False / None (no gold, or it does not parse)."""
-    from stages.rewards import verify_batch
+    from stages.shared.rewards import verify_batch
 
     return verify_batch(pairs) if pairs else []
 
 
 def _language_share(reasoning: str, language: str) -> float:
-    from stages.rewards import language_consistency
+    from stages.shared.rewards import language_consistency
 
     return float(language_consistency(reasoning, language))
 
@@ -195,16 +195,6 @@ def merge(reasoning: list[dict], general: list[dict], *, ratio: float | None, ma
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation in resumable shards
 # ---------------------------------------------------------------------------------------------------------------------
-def write_jsonl_atomic(path: Path, rows: Iterable[Mapping]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _read_shard(path: Path, ids: list[str]) -> list[dict] | None:
     """A finished shard's rows, or None when it is missing, damaged or holds other prompts."""
     try:
@@ -237,7 +227,7 @@ def generate_shards(gen, rows: list[Mapping], prompts: list[str], work_dir: Path
             samples = gen.generate(prompts[start:start + shard_size], n=n, temperature=temperature, top_p=top_p,
                                    max_tokens=max_tokens, seed=seed + start * n)
             shard = [{"prompt_id": pid, "samples": s} for pid, s in zip(ids, samples)]
-            write_jsonl_atomic(path, shard)
+            data.write_jsonl(path, shard)
             state = "generated"
         out.extend(shard)
         log.info("rejection sampling: shard %d/%d %s (%d/%d prompts, %.0f s)", k + 1, len(starts), state, len(out),
@@ -292,12 +282,12 @@ def _judge_spec(spec: Any) -> dict | None:
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
-    from stages.generation import open_generator
-    from stages.models import load_tokenizer, model_source
-    from stages.templates import check_template, render_prompt
+    from stages.shared.generation import open_generator
+    from stages.shared.models import load_tokenizer, model_source
+    from stages.shared.templates import check_template, render_prompt
+    from stages.shared import hardware
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    hardware.setup(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         # Under a multi-process launcher only rank 0 generates (vLLM spreads over the GPUs by tensor parallelism).
         return {}
@@ -390,9 +380,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                         f"{work_dir / 'shards'} and filter_counts, or loosen rejection_sampling.filters")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(output_dir / "train.jsonl", merged)
-    write_jsonl_atomic(output_dir / "prompt_stats.jsonl", stats)
-    write_jsonl_atomic(output_dir / "rejected_examples.jsonl", [e for r in REASONS for e in examples.get(r, [])])
+    data.write_jsonl(output_dir / "train.jsonl", merged)
+    data.write_jsonl(output_dir / "prompt_stats.jsonl", stats)
+    data.write_jsonl(output_dir / "rejected_examples.jsonl", [e for r in REASONS for e in examples.get(r, [])])
     drawn = sum(s["drawn"] for s in stats)
     filter_counts = {"drawn": drawn, "accepted": len(reasoning), "dropped": {r: counts.get(r, 0) for r in REASONS}}
     (output_dir / "filter_counts.json").write_text(json.dumps(filter_counts, indent=2) + "\n")

@@ -8,7 +8,7 @@ recomputed. Inputs are recognised by their manifests (kind) and files, in the re
   benchmarks as rows and checkpoints as columns, stage by stage (the shape of the paper's per-stage table), and
   `accuracy_by_stage.png`;
 - checkpoints with a `log_history.jsonl` holding RL entries (reasoning_grpo, merged_sft_alignment): reward (total and
-  per function), accuracy and response length over steps (`rl_<role>.png`, drawn by stages/plots.py), plus the first
+  per function), accuracy and response length over steps (`rl_<role>.png`, drawn by stages/shared/plots.py), plus the first
   and last logged values;
 - a dataset with `filter_counts.json` (rejection_sampling): acceptance rate, counts per filter (table and
   `rejection_<role>.png`);
@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 MANIFEST = "manifest.json"
 REPORT_MD = "report.md"
@@ -252,50 +252,7 @@ def final_artifact_dir(output_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Plots (RL curves come from stages/plots.py)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_accuracy_by_stage(table: dict, evaluations: list, path: Path) -> Path | None:
-    """pass@1 and cons@k per checkpoint in stage order, one panel per benchmark."""
-    if not evaluations:
-        return None
-    plt = _plt()
-    benches = table["benchmarks"]
-    cols = table["columns"]
-    ks = {s.get("k") for *_, s in evaluations}
-    k = next(iter(ks)) if len(ks) == 1 and None not in ks else "k"
-    fig, axes = plt.subplots(1, len(benches), figsize=(max(5.5, 1.3 * len(cols) + 2) * len(benches), 4.2),
-                             squeeze=False)
-    x = list(range(len(cols)))
-    for ax, bench in zip(axes[0], benches):
-        p1 = [s["benchmarks"].get(bench, {}).get("pass@1") for *_, s in evaluations]
-        ck = [s["benchmarks"].get(bench, {}).get("cons@k") for *_, s in evaluations]
-        pct = lambda vs: [100 * v if isinstance(v, (int, float)) else float("nan") for v in vs]  # noqa: E731
-        w = 0.38
-        ax.bar([i - w / 2 for i in x], pct(p1), w, label="pass@1", color="tab:blue")
-        ax.bar([i + w / 2 for i in x], pct(ck), w, label=f"cons@{k}", color="tab:orange")
-        ax.plot([i - w / 2 for i in x], pct(p1), color="tab:blue", marker="o", lw=1)
-        ax.set_xticks(x)
-        ax.set_xticklabels(cols, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("%")
-        ax.set_title(bench)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("accuracy by stage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+# What the plots show (drawn by stages/shared/plots.py)
 
 
 def rejection_counts(filter_counts: dict) -> list[tuple[str, int]]:
@@ -312,42 +269,6 @@ def rejection_counts(filter_counts: dict) -> list[tuple[str, int]]:
                 and not isinstance(value, bool):
             bars.append((key, value))
     return bars
-
-
-def plot_rejection(bars: list[tuple[str, int]], path: Path, title: str) -> Path | None:
-    if not bars:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(bars) + 1.5))
-    labels = [b[0] for b in bars][::-1]
-    counts = [b[1] for b in bars][::-1]
-    colors = ["tab:green" if lab == "accepted" else "tab:gray" if lab == "drawn" else "tab:red" for lab in labels]
-    ax.barh(labels, counts, color=colors)
-    for i, c in enumerate(counts):
-        ax.text(c, i, f" {c:g}", va="center", fontsize=8)
-    ax.set_xlabel("samples")
-    ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_wall_times(rows: list[tuple[str, float]], path: Path) -> Path | None:
-    rows = [(n, s) for n, s in rows if s is not None]
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
-    ax.barh([n for n, _ in rows][::-1], [s for _, s in rows][::-1], color="tab:purple")
-    ax.set_xlabel("seconds")
-    ax.set_title("wall time per stage")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
 
 
 def _first_last(history: list[dict], key: str) -> tuple[Any, Any, int]:
@@ -377,7 +298,7 @@ def _safe(s: str) -> str:
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
-    from stages import plots
+    from stages.shared import plots
 
     output_dir = Path(output_dir)
     inputs = {role: Path(d) for role, d in inputs.items()}
@@ -415,7 +336,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 for key in ("pass@1", "cons@k"):
                     if isinstance(s.get(key), (int, float)):
                         metrics[f"{col}/{bench}/{key}"] = s[key]
-        if plot_accuracy_by_stage(table, evaluations, output_dir / "accuracy_by_stage.png"):
+        if plots.plot_accuracy_by_stage(table, evaluations, output_dir / "accuracy_by_stage.png"):
             plots_written.append("accuracy_by_stage.png")
             md += ["![accuracy by stage](accuracy_by_stage.png)", ""]
     else:
@@ -455,7 +376,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 rows.append([key.replace("_", " "), _fmt_num(mm[key])])
         md += [markdown_table(["", "value"], rows), ""]
         name = f"rejection_{_safe(role)}.png"
-        if plot_rejection(bars, output_dir / name, f"{role}: samples per filter"):
+        if plots.plot_rejection(bars, output_dir / name, f"{role}: samples per filter"):
             plots_written.append(name)
             md += [f"![{role} filter counts]({name})", ""]
         data["rejection"].append({"role": role, "artifact": _ref(m), "filter_counts": counts,
@@ -479,7 +400,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if rows:
         rows.append(["**total**", "", "", "", f"{total:.1f}"])
         md += [markdown_table(["stage", "version", "kind", "started (UTC)", "seconds"], rows, align_right_from=4), ""]
-        if plot_wall_times(bars, output_dir / "wall_times.png"):
+        if plots.plot_wall_times(bars, output_dir / "wall_times.png"):
             plots_written.append("wall_times.png")
             md += ["![wall time per stage](wall_times.png)", ""]
     metrics["stages_timed"] = len(data["wall_times"])

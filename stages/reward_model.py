@@ -11,7 +11,7 @@ cfg.scope says what the model scores: `summary` (the response after its </think>
 must never see the reasoning) or `whole` (reasoning and summary; the harmlessness RM). Training pairs are cut the same
 way, and the artifact's reward_model.json carries the scope to the alignment stage, so training and scoring agree.
 
-Shared with the alignment stage: `load(artifact_dir, hardware)`, `score(...)`, `rm_text(...)`, `view(...)`.
+Scoring, loading and what the model sees (shared with the alignment stage): stages/shared/reward_models.py.
 """
 
 from __future__ import annotations
@@ -22,122 +22,38 @@ from pathlib import Path
 
 import torch
 
-from stages import training
-from stages.errors import UserError
+from stages.shared import hardware, logs, reward_models, trainers
+from stages.shared.errors import UserError
 
-META_FILE = "reward_model.json"
-SCOPES = ("summary", "whole")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# What the reward model sees
-
-def view(response: str, scope: str) -> str:
-    """The part of a response a reward model scores: the summary after </think>, or the whole response."""
-    from stages import templates
-
-    if scope not in SCOPES:
-        raise UserError(f"reward model scope={scope!r}; use one of {', '.join(SCOPES)}")
-    return templates.split_reasoning(response)[1] if scope == "summary" else response
-
-
-def rm_text(tokenizer, question: str, response: str) -> str:
-    """One (question, response) pair as the text a reward model reads: the tokenizer's chat template (user turn, then
-    the assistant turn), or `question\\n\\nresponse` for a tokenizer without one; ends with the eos token. The same
-    text in training and in scoring."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                              {"role": "assistant", "content": response}], tokenize=False)
-    else:
-        text = f"{question}\n\n{response}"
-    eos = tokenizer.eos_token or ""
-    return text if text.endswith(eos) else text + eos
-
-
-@torch.no_grad()
-def score(model, tokenizer, questions: list[str], responses: list[str], *, batch_size: int = 64,
-          max_length: int | None = None) -> list[float]:
-    """Scalar reward for each (question, response): batched, no grad; texts longer than max_length keep their end
-    (the score is read at the last token)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    texts = [rm_text(tokenizer, q, r) for q, r in zip(questions, responses)]
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    out: list[float] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            truncation=max_length is not None, max_length=max_length)
-            output = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-            out.extend(output.logits[:, 0].float().tolist())
-    finally:
-        tokenizer.truncation_side = side
-        if was_training:
-            model.train()
-    return out
-
-
-def load(artifact_dir: str | Path, hardware) -> tuple:
-    """(model, tokenizer, meta) of a reward-model artifact: a trained save_pretrained dir or a recorded source.
-    meta: {scope, max_length, ...} from reward_model.json."""
-    from transformers import AutoModelForSequenceClassification
-
-    from stages import models
-
-    artifact_dir = Path(artifact_dir)
-    meta_path = artifact_dir / META_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{artifact_dir} is not a reward-model artifact ({META_FILE} missing); produce it with the "
-                        f"reward_model stage")
-    meta = json.loads(meta_path.read_text())
-    source, revision = models.model_source(artifact_dir)
-    local = Path(source).is_dir()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, revision=revision, num_labels=1, dtype=training.model_dtype(hardware),
-            **({"local_files_only": True} if local else {}))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load reward model {source!r} as AutoModelForSequenceClassification: {e}") from None
-    model.to("cpu" if training.on_cpu(hardware) else "cuda").eval()
-    tokenizer = models.load_tokenizer(source, revision=revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    return model, tokenizer, meta
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The stage
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
-    training.setup(cfg)
+    hardware.setup(cfg)
     output_dir, work_dir = Path(output_dir), Path(work_dir)
-    if cfg.scope not in SCOPES:
-        raise UserError(f"reward_model.*.scope={cfg.scope!r}; use one of {', '.join(SCOPES)}")
+    if cfg.scope not in reward_models.SCOPES:
+        raise UserError(f"reward_model.*.scope={cfg.scope!r}; use one of {', '.join(reward_models.SCOPES)}")
     meta = {"scope": str(cfg.scope), "max_length": int(cfg.max_length), "source": str(cfg.source)}
     if str(cfg.source) == "train":
         metrics = _train(cfg, Path(inputs["model"]), output_dir, work_dir, callbacks)
     else:
         metrics = _record(cfg, output_dir)
-    (output_dir / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return training.clean_metrics(metrics)
+    (output_dir / reward_models.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return logs.clean_metrics(metrics)
 
 
 def _record(cfg, output_dir: Path) -> dict:
     """A named reward model (hub id or local directory), recorded and pinned exactly as the base stage records one."""
-    from omegaconf import OmegaConf
+    from stages.shared import models
 
-    from stages import base
-
-    return base._record_source(OmegaConf.create({"model": {"source": str(cfg.source),
-                                                           "revision": cfg.get("revision")}}), output_dir)
+    return models.record_source(str(cfg.source), cfg.get("revision"), output_dir, key="reward_model.*.source")
 
 
 def pairs(cfg) -> dict[str, list[dict]]:
     """{"train": [...], "eval": [...]} pairs {question, chosen, rejected, issue}, responses cut to cfg.scope."""
-    from stages import data
+    from stages.shared import data
 
     rows = data.load_rows(cfg.pairs_file, ["prompt", "chosen", "rejected"], Path(str(cfg.pairs_file)).stem)
     out: dict[str, list[dict]] = {"train": [], "eval": []}
@@ -145,8 +61,8 @@ def pairs(cfg) -> dict[str, list[dict]]:
         split = r.get("split") or "train"
         if split not in out:
             raise UserError(f"{cfg.pairs_file} row {i}: split={split!r}; use train or eval")
-        out[split].append({"question": r["prompt"], "chosen": view(r["chosen"], cfg.scope),
-                           "rejected": view(r["rejected"], cfg.scope), "issue": r.get("issue") or "all"})
+        out[split].append({"question": r["prompt"], "chosen": reward_models.view(r["chosen"], cfg.scope),
+                           "rejected": reward_models.view(r["rejected"], cfg.scope), "issue": r.get("issue") or "all"})
     if not out["train"]:
         raise UserError(f"{cfg.pairs_file} has no training pairs (split == train)")
     return out
@@ -157,9 +73,9 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch
     if not rows:
         return {}
     questions = [r["question"] for r in rows]
-    chosen = score(model, tokenizer, questions, [r["chosen"] for r in rows], batch_size=batch_size,
+    chosen = reward_models.score(model, tokenizer, questions, [r["chosen"] for r in rows], batch_size=batch_size,
                    max_length=max_length)
-    rejected = score(model, tokenizer, questions, [r["rejected"] for r in rows], batch_size=batch_size,
+    rejected = reward_models.score(model, tokenizer, questions, [r["rejected"] for r in rows], batch_size=batch_size,
                      max_length=max_length)
     wins = [c > r for c, r in zip(chosen, rejected)]
     out = {"pairwise_accuracy": sum(wins) / len(wins),
@@ -175,41 +91,38 @@ def _train(cfg, base_dir: Path, output_dir: Path, work_dir: Path, callbacks) -> 
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from stages import models
+    from stages.shared import models
 
     split = pairs(cfg)
     source, revision = models.model_source(base_dir)
     tokenizer = models.load_tokenizer(source, revision=revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(int(cfg.seed))  # the score head is random-initialised
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, revision=revision, num_labels=1, dtype=training.model_dtype(cfg.hardware),
+        source, revision=revision, num_labels=1, dtype=hardware.model_dtype(cfg.hardware),
         **({"local_files_only": True} if Path(source).is_dir() else {}))
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to("cpu" if training.on_cpu(cfg.hardware) else "cuda")
+    model.to("cpu" if hardware.on_cpu(cfg.hardware) else "cuda")
     max_length = int(cfg.max_length)
     before = pairwise_accuracy(model, tokenizer, split["eval"], max_length)
 
-    dataset = Dataset.from_list([{"chosen": rm_text(tokenizer, r["question"], r["chosen"]),
-                                  "rejected": rm_text(tokenizer, r["question"], r["rejected"])}
+    dataset = Dataset.from_list([{"chosen": reward_models.rm_text(tokenizer, r["question"], r["chosen"]),
+                                  "rejected": reward_models.rm_text(tokenizer, r["question"], r["rejected"])}
                                  for r in split["train"]])
     print(f"reward_model: {len(dataset)} training pairs, {len(split['eval'])} held-out, scope {cfg.scope}, "
           f"from {source}; held-out pairwise accuracy before training {before.get('pairwise_accuracy', 0):.3f}",
           flush=True)
-    ckpt = work_dir / training.CHECKPOINT_DIR
+    ckpt = work_dir / trainers.CHECKPOINT_DIR
     fields = {k: cfg[k] for k in ("num_train_epochs", "max_steps", "per_device_train_batch_size",
                                   "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                                   "weight_decay", "center_rewards_coefficient")
               if cfg.get(k) is not None}
-    args = training.trainer_args(RewardConfig, cfg, ckpt, max_length=max_length, dataset_num_proc=None, **fields)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                            callbacks=[training.ProgressCallback("reward_model"), *(callbacks or [])])
-    trainer.remove_callback(training._printer_callback())
+    args = trainers.trainer_args(RewardConfig, cfg, ckpt, max_length=max_length, dataset_num_proc=None, **fields)
+    trainer = trainers.build_trainer(RewardTrainer, name="reward_model", callbacks=callbacks, model=model, args=args,
+                                     train_dataset=dataset, processing_class=tokenizer)
     t0 = time.time()
-    trainer.resumed_from = training.train(trainer, ckpt)
+    trainers.train(trainer, ckpt)
     metrics = {"train_seconds": time.time() - t0, "train_pairs": len(dataset)}
-    metrics.update(training.finish(output_dir, trainer.model, tokenizer, trainer))
+    metrics.update(trainers.finish(output_dir, trainer.model, tokenizer, trainer))
     after = pairwise_accuracy(trainer.model, tokenizer, split["eval"], max_length)
     metrics.update({f"before_{k}": v for k, v in before.items() if k.startswith("pairwise_accuracy")})
     metrics.update({f"eval_{k}": v for k, v in after.items()})

@@ -12,15 +12,12 @@ import argparse
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
-# The R1-Zero template (DeepSeek-R1 v1 Table 1), verbatim; stages/templates.py holds the same text.
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
-    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think> <answer> answer here </answer>. User: {prompt}. Assistant:"
-)
+# The R1-Zero template (DeepSeek-R1 v1 Table 1): the one the stages prompt with, so pre-training lines match it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from stages.shared.templates import R1_ZERO_TEMPLATE  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Words

@@ -142,7 +142,7 @@ TEMPLATE_BARE = re.compile(TEMPLATE + r" (?:The answer is|Ответ:) (\d+)\.")
 def test_template_is_the_canonical_text():
     assert prepare.R1_ZERO_TEMPLATE.startswith("A conversation between User and Assistant. The user asks a question,")
     assert prepare.R1_ZERO_TEMPLATE.endswith("<answer> answer here </answer>. User: {prompt}. Assistant:")
-    templates = pytest.importorskip("stages.templates")
+    templates = pytest.importorskip("stages.shared.templates")
     if hasattr(templates, "R1_ZERO_TEMPLATE"):
         assert templates.R1_ZERO_TEMPLATE == prepare.R1_ZERO_TEMPLATE
 

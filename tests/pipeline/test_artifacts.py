@@ -11,7 +11,7 @@ import fsspec
 import pytest
 
 from pipeline import artifacts as A
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 T0 = "2024-01-01T00:00:00+00:00"
 
@@ -286,10 +286,10 @@ def test_lineage_of_three_levels(root):
 
     assert A.format_lineage(tree) == "\n".join([
         f"eval@{ev} (evaluation, stages.eval)",
-        f"├── dataset: data@{data} (dataset, stages.data)",
+        f"├── dataset: data@{data} (dataset, stages.shared.data)",
         "├── judge: rm@gone (MISSING)",
         f"└── model: sft@{sft} (checkpoint, stages.sft)",
-        f"    └── dataset: data@{data} (dataset, stages.data)",
+        f"    └── dataset: data@{data} (dataset, stages.shared.data)",
     ])
 
 

@@ -8,7 +8,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from pipeline import artifacts
 from pipeline.flow import r1flow_pipeline
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 TEST_CONF = Path(__file__).parent / "conf"
 

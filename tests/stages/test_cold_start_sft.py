@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.plan import compose_config
-from stages import cold_start_sft, training
+from stages.shared import trainers
+from stages import cold_start_sft
 
 
 def test_trains_on_messages_and_saves_a_plain_checkpoint(smoke_base, tmp_path):
@@ -35,9 +36,9 @@ def test_loss_is_on_the_assistant_part_only(smoke_base):
     from trl import SFTTrainer
 
     cfg = compose_config(["size=smoke"]).cold_start_sft
-    model, tok = training.load_policy(smoke_base, cfg.hardware)
+    model, tok = trainers.load_policy(smoke_base, cfg.hardware)
     ds = cold_start_sft.build_dataset(cfg).select(range(2))
-    args = training.trainer_args(__import__("trl").SFTConfig, cfg, "/tmp/unused", max_steps=1,
+    args = trainers.trainer_args(__import__("trl").SFTConfig, cfg, "/tmp/unused", max_steps=1,
                                  assistant_only_loss=True, max_length=256)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[0]])

@@ -6,8 +6,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from pipeline.plan import compose_config, plan
+from stages.shared import data
 from stages import distill
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_smoke_run_trains_the_student_on_the_dataset(student, stage3_dataset, tm
 
 def test_not_a_dataset_artifact_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="train.jsonl"):
-        distill.sft_dataset(tmp_path)
+        data.sft_dataset(tmp_path)
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="assistant"):
-        distill.sft_dataset(tmp_path)
+        data.sft_dataset(tmp_path)

@@ -1,6 +1,6 @@
 """stages/evaluate.py: pass@1 / cons@k on hand-made sample sets, benchmark loading from local MATH-500 / AIME-style
 files, the whole stage on scripted generations (exact numbers, resume), and on a tiny model built with
-stages/models.py through HF generate and through ONE real vLLM engine."""
+stages/shared/models.py through HF generate and through ONE real vLLM engine."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from stages import evaluate
-from stages.errors import UserError
+from stages.shared.errors import UserError
 from stages.evaluate import (Vote, canonical_answer, cons_at_k, load_benchmark, majority_vote, pass_at_1,
                              summarize)
 
@@ -168,11 +168,11 @@ class ScriptedGenerator:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A random-init Qwen3 (untied embeddings) and BPE tokenizer built by stages/models.py, saved like a checkpoint
+    """A random-init Qwen3 (untied embeddings) and BPE tokenizer built by stages/shared/models.py, saved like a checkpoint
     artifact."""
     import torch
 
-    from stages import models
+    from stages.shared import models
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
@@ -216,7 +216,7 @@ def scripted(monkeypatch):
         opened.append(kwargs)
         yield ScriptedGenerator(calls)
 
-    monkeypatch.setattr("stages.generation.open_generator", fake_open)
+    monkeypatch.setattr("stages.shared.generation.open_generator", fake_open)
     return calls, opened
 
 
@@ -282,7 +282,7 @@ def test_stage_resumes_from_work_dir(tiny_model, eval_file, scripted, tmp_path, 
     def no_engine(*a, **k):
         raise AssertionError("a finished evaluation must not start an engine again")
 
-    monkeypatch.setattr("stages.generation.open_generator", no_engine)
+    monkeypatch.setattr("stages.shared.generation.open_generator", no_engine)
     (tmp_path / "b").mkdir()
     again = evaluate.run(stage_cfg(eval_file), {"model": tiny_model}, tmp_path / "b", work)
     assert again == first
@@ -330,7 +330,7 @@ def test_stage_hf_backend_on_tiny_model(tiny_model, eval_file, tmp_path):
 
 @pytest.mark.vllm
 def test_stage_vllm_backend_one_engine_for_all_benchmarks(tiny_model, eval_file, tmp_path, monkeypatch):
-    from stages import generation
+    from stages.shared import generation
 
     if not generation.vllm_available():
         pytest.skip("vLLM is not installed")
@@ -351,7 +351,7 @@ def test_stage_vllm_backend_one_engine_for_all_benchmarks(tiny_model, eval_file,
 
 
 def test_auto_max_model_len_fits_the_prompts_and_the_model(tiny_model):
-    from stages import models
+    from stages.shared import models
 
     tok = models.load_tokenizer(str(tiny_model))
     prompts = ["What is 2 + 3?", "What is 7 - 4? " * 5]

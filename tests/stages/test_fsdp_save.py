@@ -1,4 +1,4 @@
-"""stages.training.save_model under FSDP: two CPU processes (gloo) shard a tiny Qwen3 with FSDP2's fully_shard, as
+"""stages.shared.trainers.save_model under FSDP: two CPU processes (gloo) shard a tiny Qwen3 with FSDP2's fully_shard, as
 accelerate does under `hardware=multi_gpu`, and save it; what is on disk must be the whole model, written once."""
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        from stages import training
+        from stages.shared import trainers
 
         model, tokenizer = _model_and_tokenizer()
-        assert not training.fsdp_sharded(model)
+        assert not trainers.fsdp_sharded(model)
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:  # what accelerate's TRANSFORMER_BASED_WRAP does: a unit per decoder layer
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        assert training.fsdp_sharded(model)
+        assert trainers.fsdp_sharded(model)
         local = model.model.embed_tokens.weight.to_local()
         assert local.shape[0] == 64 // world  # really sharded: each process holds half the rows
-        training.save_model(model, tokenizer, out)
+        trainers.save_model(model, tokenizer, out)
     finally:
         dist.destroy_process_group()
 

@@ -9,9 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.plan import compose_config, plan
+from stages.shared import reward_models
 from stages import merged_sft_alignment as msa
-from stages import models, reward_model
-from stages.errors import UserError
+from stages.shared import models
+from stages import reward_model
+from stages.shared.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def rm_artifacts(smoke_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rms(rm_artifacts):
     hardware = compose_config([]).hardware
-    return {name: reward_model.load(path, hardware) for name, path in rm_artifacts.items()}
+    return {name: reward_models.load(path, hardware) for name, path in rm_artifacts.items()}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_helpfulness_scores_the_summary_only_and_harmlessness_the_whole_response
         model, tok, meta = rms[name]
         assert meta["scope"] == scope  # the scope travels with the artifact
         rec = Recorder(model, tok)
-        fn = msa.rm_reward(name, rec.model, rec.tokenizer, scope=meta["scope"])
+        fn = reward_models.rm_reward(name, rec.model, rec.tokenizer, scope=meta["scope"])
         scores = fn(completions=[[{"role": "assistant", "content": RESPONSE}]] * 2, question=["Hi?", "Hello?"],
                     prompts=[[{"role": "user", "content": "Hi?"}]] * 2, trainer_state=state)
         assert len(scores) == 2 and all(isinstance(s, float) for s in scores)

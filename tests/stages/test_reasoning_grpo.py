@@ -7,13 +7,14 @@ import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from pipeline.plan import compose_config
+from stages.shared import trainers
 from stages import reasoning_grpo
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 
 def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
     cfg = compose_config(["model=qwen2.5-math-1.5b"]).reasoning_grpo  # the paper preset
-    args = reasoning_grpo.grpo_config(cfg, tmp_path, [1.0, 1.0, 0.1])
+    args = trainers.grpo_args(cfg, tmp_path, [1.0, 1.0, 0.1])
     assert (args.beta, args.epsilon, args.num_generations, args.loss_type) == (0.001, 10.0, 16, "grpo")
     assert args.epsilon_high == 10.0  # TRL: None means the same as epsilon
     assert args.learning_rate == 3e-6 and args.temperature == 1.0 and args.max_completion_length == 8192
@@ -26,7 +27,7 @@ def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
     assert args.save_steps == 100 and args.output_dir == str(tmp_path)
 
     tiny = compose_config([]).reasoning_grpo
-    args = reasoning_grpo.grpo_config(tiny, tmp_path)
+    args = trainers.grpo_args(tiny, tmp_path)
     assert not args.bf16 and args.use_cpu and not args.gradient_checkpointing and not args.dataloader_pin_memory
     assert args.disable_tqdm and args.report_to == []
     for key in ("beta", "epsilon", "num_generations", "loss_type", "temperature", "max_completion_length",
@@ -39,9 +40,9 @@ def test_bad_knobs_are_user_errors(tmp_path):
                             ("reasoning_grpo.sync_ref_model=true", "beta"),
                             ("reasoning_grpo.num_generations=1", "num_generations")]:
         with pytest.raises(UserError, match=match):
-            reasoning_grpo.grpo_config(compose_config([override, "reasoning_grpo.beta=0.0"]).reasoning_grpo, tmp_path)
+            trainers.grpo_args(compose_config([override, "reasoning_grpo.beta=0.0"]).reasoning_grpo, tmp_path)
     with pytest.raises(UserError, match="GPU|vLLM"):
-        reasoning_grpo.check_vllm(compose_config(["reasoning_grpo.use_vllm=true"]).reasoning_grpo)
+        trainers.check_vllm(compose_config(["reasoning_grpo.use_vllm=true"]).reasoning_grpo)
 
 
 class Capture(TrainerCallback):

@@ -254,7 +254,7 @@ def model_dir(tmp_path):
 
 
 def _patch_generator(monkeypatch, make):
-    import stages.generation
+    import stages.shared.generation
 
     created = []
 
@@ -264,7 +264,7 @@ def _patch_generator(monkeypatch, make):
         created.append((str(model), kw, gen))
         yield gen
 
-    monkeypatch.setattr(stages.generation, "open_generator", fake_open)
+    monkeypatch.setattr(stages.shared.generation, "open_generator", fake_open)
     return created
 
 
@@ -320,7 +320,7 @@ def test_stage_judge_decides_what_rules_cannot(tmp_path, monkeypatch, model_dir)
 
     _patch_generator(monkeypatch, make)
     monkeypatch.setattr(rs, "correctness_verdicts", lambda pairs: [None] * len(pairs))
-    monkeypatch.setattr("stages.models.load_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr("stages.shared.models.load_tokenizer", lambda *a, **k: None)
     cfg = _cfg(tmp_path, _rows(2), _general_rows(4), filters={"judge_model": "my-judge"})
     out = tmp_path / "out"
     out.mkdir()

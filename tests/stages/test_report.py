@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from stages import report
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVALS = {  # role -> (evaluated stage, {benchmark: metrics})

@@ -7,8 +7,10 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.plan import compose_config
-from stages import base, models, reward_model
-from stages.errors import UserError
+from stages.shared import reward_models
+from stages.shared import models
+from stages import base, reward_model
+from stages.shared.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def test_trained_rm_is_a_sequence_classifier_with_heldout_pairwise_accuracy(help
     out, metrics = helpfulness_rm
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-    assert json.loads((out / reward_model.META_FILE).read_text())["scope"] == "summary"
+    assert json.loads((out / reward_models.META_FILE).read_text())["scope"] == "summary"
     assert (out / "log_history.jsonl").exists()
     for key in ("eval_pairwise_accuracy", "before_pairwise_accuracy", "eval_margin", "first_loss"):
         assert math.isfinite(metrics[key]), key
@@ -32,8 +34,8 @@ def test_trained_rm_is_a_sequence_classifier_with_heldout_pairwise_accuracy(help
     # per-issue accuracies of the held-out pairs (unhelpful, off-topic, ...)
     assert any(k.startswith("eval_pairwise_accuracy_") for k in metrics)
     # what the stage loads for alignment scores like what it trained
-    rm, tok, meta = reward_model.load(out, compose_config([]).hardware)
-    good, bad = reward_model.score(rm, tok, ["What is 2 + 2?"] * 2, ["The answer is \\boxed{4}", "?"])
+    rm, tok, meta = reward_models.load(out, compose_config([]).hardware)
+    good, bad = reward_models.score(rm, tok, ["What is 2 + 2?"] * 2, ["The answer is \\boxed{4}", "?"])
     assert isinstance(good, float) and isinstance(bad, float)
 
 
@@ -45,8 +47,8 @@ def test_pairs_are_cut_to_the_scope():
                    for split in helpful.values() for p in split)
     harmless = reward_model.pairs(cfg.harmlessness)
     assert any("<think>" in p["rejected"] for p in harmless["train"])  # the whole response, reasoning included
-    assert reward_model.view("<think>\nplan\n</think>\nAnswer.", "summary") == "Answer."
-    assert reward_model.view("<think>\nnever closed", "summary") == ""
+    assert reward_models.view("<think>\nplan\n</think>\nAnswer.", "summary") == "Answer."
+    assert reward_models.view("<think>\nnever closed", "summary") == ""
 
 
 def test_named_reward_model_is_recorded_not_copied(helpfulness_rm, tmp_path):
@@ -58,7 +60,7 @@ def test_named_reward_model_is_recorded_not_copied(helpfulness_rm, tmp_path):
     assert metrics["source_kind"] == "local"
     assert not (out / "model.safetensors").exists()
     assert models.model_source(out) == (str(trained.resolve()), None)
-    rm, _, meta = reward_model.load(out, cfg.hardware)
+    rm, _, meta = reward_models.load(out, cfg.hardware)
     assert meta["scope"] == "whole" and rm.config.num_labels == 1
 
 

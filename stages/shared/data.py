@@ -16,9 +16,9 @@ import socket
 from pathlib import Path
 from typing import Any, Iterable
 
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = "`python data/arith/prepare.py` regenerates the embedded task world"
 
 
@@ -181,13 +181,51 @@ def _read_hub(spec: dict, key: str):
     return ds.to_list(), lambda i: label if i is None else f"{label} row {i}"
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Write rows as JSONL atomically (a temporary file renamed into place): readers never see half a file."""
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """The one atomic writer: a temporary file beside `path`, flushed to disk, then renamed over it, so a reader (or a
+    rerun after a crash) sees the old file or the whole new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
     return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Rows as JSON lines, atomically."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """One JSON document, atomically."""
+    return write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+SFT_DATASET_FILE = "train.jsonl"  # what rejection_sampling writes and the SFT stages read
+
+
+def sft_dataset(dataset_dir: str | Path, max_samples: int | None = None):
+    """The stage-3 conversations of a dataset artifact as a TRL conversational dataset ({messages}); also returns
+    the count per kind."""
+    from datasets import Dataset
+
+    path = Path(dataset_dir) / SFT_DATASET_FILE
+    if not path.is_file():
+        raise UserError(f"{dataset_dir} is not a stage-3 dataset artifact ({SFT_DATASET_FILE} missing); give the "
+                        f"rejection_sampling stage's output")
+    rows = load_rows(str(path), ["messages"], "rejection_sampling.train")
+    if max_samples:
+        rows = rows[: int(max_samples)]
+    out, kinds = [], {}
+    for i, r in enumerate(rows):
+        messages = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise UserError(f"{path} row {i}: `messages` must end with an assistant turn")
+        out.append({"messages": messages})
+        kind = str(r.get("kind") or "reasoning")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return Dataset.from_list(out), kinds

@@ -11,18 +11,21 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from stages.data import hub_offline, hub_reachable, plain, resolve_path
-from stages.errors import UserError
+from stages.shared.data import hub_offline, hub_reachable, plain, resolve_path, sha256_file, write_json
+from stages.shared.errors import UserError
 
 THINK_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 USER, ASSISTANT, SYSTEM, EOS, PAD = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, EOS, USER, ASSISTANT, SYSTEM]  # ids 0..4 in a built tokenizer
+log = logging.getLogger(__name__)
 MODEL_REF = "model_ref.json"
 
 # Turns are `<|role|>content<|end|>`; the assistant's content and its `<|end|>` are the trainable (generation) part.
@@ -218,11 +221,7 @@ def load_model(source: str | os.PathLike, *, revision: str | None = None, trust_
 # ---------------------------------------------------------------------------------------------------------------------
 def write_model_ref(directory: str | os.PathLike, source: str, revision: str | None) -> Path:
     """Record a hub/local model the base stage does not copy: `<dir>/model_ref.json` {source, revision}."""
-    path = Path(directory) / MODEL_REF
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"source": str(source), "revision": revision}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(Path(directory) / MODEL_REF, {"source": str(source), "revision": revision})
 
 
 def model_source(artifact_dir: str | os.PathLike) -> tuple[str, str | None]:
@@ -240,3 +239,51 @@ def model_source(artifact_dir: str | os.PathLike) -> tuple[str, str | None]:
             raise UserError(f"{ref}: damaged model reference ({type(e).__name__}: {e}); delete the artifact to "
                             "rebuild it") from None
     raise UserError(f"{d} is not a model checkpoint: neither config.json nor {MODEL_REF} is there")
+
+
+def record_source(source: str, revision: str | None, output_dir: Path, *, key: str = "model.source") -> dict:
+    """Record a hub model (pinned to the commit its revision resolves to) or a local save_pretrained directory
+    (with the sha256 of every file) as a checkpoint artifact: model_ref.json instead of weights."""
+    source = str(source)
+    local = Path(source).expanduser()
+    if local.exists() or source.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise UserError(f"{key}={source!r} is not a directory; give a save_pretrained directory or a "
+                            f"hub id (org/name)")
+        files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not any(p.name == "config.json" for p in files):
+            raise UserError(f"{key}={source!r} has no config.json; point it at a save_pretrained directory")
+        hashes = {str(p.relative_to(local)): sha256_file(p) for p in files}
+        pinned = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in hashes.items()).encode()).hexdigest()
+        write_model_ref(output_dir, str(local.resolve()), None)
+        (output_dir / "source_files.json").write_text(json.dumps(hashes, indent=1))
+        log.info(f"local model {local} ({len(files)} files, content sha256 {pinned[:12]})")
+        return {"source_kind": "local", "files": len(files), "content_sha256": pinned}
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    commit = resolve_hub_revision(source, revision, offline, key)
+    write_model_ref(output_dir, source, commit)
+    log.info(f"hub model {source}@{revision or 'main'} pinned to {commit}")
+    return {"source_kind": "hub", "revision": commit}
+
+
+def resolve_hub_revision(source: str, revision: str | None, offline: bool, key: str = "model.source") -> str:
+    """The commit sha of source@revision: from the local cache when offline, from the hub otherwise."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        if offline:
+            path = snapshot_download(source, revision=revision, local_files_only=True,
+                                     allow_patterns=["config.json"])
+            return Path(path).name  # snapshots/<commit sha>
+        return HfApi().model_info(source, revision=revision).sha
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError) as e:
+        raise UserError(
+            f"{key}={source!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and the "
+            f"hub is offline (HF_HUB_OFFLINE=1). Download it first (`HF_HUB_OFFLINE=0 huggingface-cli download "
+            f"{source}`), unset HF_HUB_OFFLINE, or set model.source to a local directory. ({type(e).__name__})"
+        ) from None
+    except HfHubHTTPError as e:
+        raise UserError(f"{key}={source!r} revision {revision or 'main'} could not be resolved on the hub: "
+                        f"{e}") from None

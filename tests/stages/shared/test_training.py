@@ -1,4 +1,4 @@
-"""stages/training.py and stages/plots.py: argument building, checkpoints, progress lines, summaries, plots."""
+"""stages/trainers.py and stages/shared/plots.py: argument building, checkpoints, progress lines, summaries, plots."""
 import json
 import math
 
@@ -9,13 +9,13 @@ from transformers import TrainerControl, TrainerState
 from trl import GRPOConfig, SFTConfig
 
 from pipeline.plan import compose_config
-from stages import plots, training
-from stages.errors import UserError
+from stages.shared import hardware, logs, plots, trainers
+from stages.shared.errors import UserError
 
 
 def test_trainer_args_follow_the_hardware_node(tmp_path):
     cfg = compose_config([]).cold_start_sft
-    args = training.trainer_args(SFTConfig, cfg, tmp_path, learning_rate=1e-3, warmup_ratio=0.1, max_steps=10)
+    args = trainers.trainer_args(SFTConfig, cfg, tmp_path, learning_rate=1e-3, warmup_ratio=0.1, max_steps=10)
     assert args.use_cpu and not args.bf16 and not args.fp16
     assert not args.gradient_checkpointing and not args.dataloader_pin_memory
     assert args.optim == "adamw_torch" and args.disable_tqdm and args.report_to == []
@@ -23,13 +23,13 @@ def test_trainer_args_follow_the_hardware_node(tmp_path):
     assert args.seed == cfg.seed and args.output_dir == str(tmp_path)
     assert args.warmup_steps == 0.1  # transformers 5: a ratio below 1
     with pytest.raises(UserError, match="no_such_knob"):
-        training.trainer_args(SFTConfig, cfg, tmp_path, no_such_knob=1)
+        trainers.trainer_args(SFTConfig, cfg, tmp_path, no_such_knob=1)
 
 
 def test_gpu_hardware_gives_bf16_and_the_fused_optimizer(tmp_path):
     hw = dict(compose_config(["hardware=gpu"]).hardware)
-    args = training.hardware_args(hw)
-    if training.on_cpu(hw):  # no GPU here: still never bf16 on a CPU
+    args = hardware.hardware_args(hw)
+    if hardware.on_cpu(hw):  # no GPU here: still never bf16 on a CPU
         assert args["use_cpu"] and not args["bf16"]
     else:  # pragma: no cover
         assert args["bf16"] and not args["use_cpu"]
@@ -37,31 +37,31 @@ def test_gpu_hardware_gives_bf16_and_the_fused_optimizer(tmp_path):
 
 
 def test_thread_choice(monkeypatch):
-    monkeypatch.setattr(training, "busy_cores", lambda: 0.1)
-    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 0.1)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
     monkeypatch.delenv("R1FLOW_TORCH_THREADS", raising=False)
-    assert training.pick_threads(2, cpu=True) == 2
-    monkeypatch.setattr(training, "busy_cores", lambda: 0.9)
-    assert training.pick_threads(2, cpu=True) == 1  # one core busy elsewhere: one thread
-    assert training.pick_threads(2, cpu=False) == 2
+    assert hardware.pick_threads(2, cpu=True) == 2
+    monkeypatch.setattr(hardware, "busy_cores", lambda: 0.9)
+    assert hardware.pick_threads(2, cpu=True) == 1  # one core busy elsewhere: one thread
+    assert hardware.pick_threads(2, cpu=False) == 2
     monkeypatch.setenv("R1FLOW_TORCH_THREADS", "2")
-    assert training.pick_threads(2, cpu=True) == 2
+    assert hardware.pick_threads(2, cpu=True) == 2
 
 
 def test_busy_cores_sees_a_spinning_process():
     import multiprocessing
 
-    idle = training.busy_cores(0.3)
+    idle = hardware.busy_cores(0.3)
     stop = multiprocessing.Event()
     spinner = multiprocessing.Process(target=_spin, args=(stop,))
     spinner.start()
     try:
         time.sleep(0.2)
-        busy = training.busy_cores(0.5)
+        busy = hardware.busy_cores(0.5)
     finally:
         stop.set()
         spinner.join()
-    assert 0.0 <= idle <= training.os.cpu_count()
+    assert 0.0 <= idle <= hardware.os.cpu_count()
     assert busy >= 0.7, (idle, busy)  # one core fully taken by the spinner
 
 
@@ -71,14 +71,14 @@ def _spin(stop):
 
 
 def test_last_checkpoint_skips_and_removes_incomplete_ones(tmp_path):
-    assert training.last_checkpoint(tmp_path / "none") is None
+    assert trainers.last_checkpoint(tmp_path / "none") is None
     for step, complete in [(2, True), (4, True), (6, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if complete:
             (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (tmp_path / "checkpoint-x").mkdir()
-    assert training.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert trainers.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert not (tmp_path / "checkpoint-6").exists()
 
 
@@ -92,29 +92,31 @@ HISTORY = [{"step": s, "loss": 2.0 / s, "reward": 0.1 * s, "rewards/accuracy/mea
 
 def test_log_history_roundtrip_and_summary(tmp_path):
     path = tmp_path / "log_history.jsonl"
-    training.write_log_history(HISTORY, path)
-    back = training.read_log_history(path)
+    logs.write_log_history(HISTORY, path)
+    back = logs.read_log_history(path)
     assert len(back) == len(HISTORY) and back[0]["grad_norm"] is None  # NaN is not JSON: null
-    summary = training.summarize(back)
+    summary = logs.summarize(back)
     assert summary["first_reward"] == pytest.approx(0.1) and summary["last_reward"] == pytest.approx(1.0)
     assert summary["last_heldout_accuracy"] == 0.4 and summary["train_runtime"] == 12.5
     assert "first_grad_norm" not in summary and all(math.isfinite(v) for v in summary.values())
-    assert training.clean_metrics({"a": float("nan"), "b": 1, "c": True, "d": "x"}) == {"b": 1, "c": 1, "d": "x"}
+    assert logs.clean_metrics({"a": float("nan"), "b": 1, "c": True, "d": "x"}) == {"b": 1, "c": 1, "d": "x"}
 
 
-def test_progress_line(capsys):
-    cb = training.ProgressCallback("grpo")
+def test_progress_line(caplog):
+    caplog.set_level("INFO", logger="stages.shared.trainers")
+    cb = trainers.ProgressCallback("grpo")
     state, control = TrainerState(), TrainerControl()
     state.max_steps, state.global_step = 10, 0
     cb.on_train_begin(None, state, control)
     state.global_step = 5
     cb.on_log(None, state, control, logs={"reward": 0.5, "rewards/format/mean": 0.25, "kl": None,
                                           "completions/mean_length": 31.0})
-    out = capsys.readouterr().out.strip().splitlines()
+    out = [r.getMessage() for r in caplog.records]
     assert out[0] == "grpo: training to step 10"
     assert out[1].startswith("step 5/10 reward=0.5 len=31 format=0.25 s/step=")
+    caplog.clear()
     cb.on_log(None, state, control, logs={"train_runtime": 3.0})  # nothing worth a line
-    assert capsys.readouterr().out == ""
+    assert caplog.records == []
 
 
 def test_plots_write_pngs(tmp_path):
@@ -127,5 +129,5 @@ def test_grpo_batch_must_hold_whole_groups(tmp_path):
     cfg = compose_config(["reasoning_grpo.prompts_per_step=3", "reasoning_grpo.num_generations=4"]).reasoning_grpo
     from stages import reasoning_grpo
 
-    args = reasoning_grpo.grpo_config(cfg, tmp_path)
+    args = trainers.grpo_args(cfg, tmp_path)
     assert isinstance(args, GRPOConfig) and args.generation_batch_size == 12

@@ -1,14 +1,14 @@
-"""stages/data.py: paths, file entries, and the errors a user sees for bad data."""
+"""stages/shared/data.py: paths, file entries, and the errors a user sees for bad data."""
 import json
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from stages import data
-from stages.errors import UserError
+from stages.shared import data
+from stages.shared.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write(path: Path, lines: list[str]) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from stages.errors import UserError
+from stages.shared.errors import UserError
 
 # Paper v1, Table 1. Another stage writes pretraining data in exactly this text: do not change it.
 R1_ZERO_TEMPLATE = (

@@ -1,9 +1,9 @@
-"""stages/templates.py: prompt formats and the text helpers (answer extraction, reasoning split)."""
+"""stages/shared/templates.py: prompt formats and the text helpers (answer extraction, reasoning split)."""
 
 import pytest
 
-from stages.errors import UserError
-from stages.templates import (
+from stages.shared.errors import UserError
+from stages.shared.templates import (
     R1_ZERO_TEMPLATE,
     TEMPLATES,
     completion_text,

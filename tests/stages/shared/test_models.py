@@ -1,4 +1,4 @@
-"""stages/models.py: the offline tokenizer and model, Auto-class round trips, loading errors, checkpoint refs."""
+"""stages/shared/models.py: the offline tokenizer and model, Auto-class round trips, loading errors, checkpoint refs."""
 import json
 from pathlib import Path
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stages import models
-from stages.errors import UserError
+from stages.shared import models
+from stages.shared.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = OmegaConf.load(ROOT / "conf/model/tiny.yaml")
 STUDENT = OmegaConf.load(ROOT / "conf/model/tiny_student.yaml")
 MSGS = [{"role": "user", "content": "What is 47 + 38?"},

@@ -41,8 +41,8 @@ from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from stages.errors import UserError
-from stages.templates import (
+from stages.shared.errors import UserError
+from stages.shared.templates import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
     DEFAULT_TEMPLATE,
@@ -206,7 +206,7 @@ def _run_bounded(fn: Callable[[], Any], seconds: float | None) -> tuple[str, Any
 # Worker processes: persistent, each runs one check at a time, killed and replaced when a check overruns
 # --------------------------------------------------------------------------------------------------------------------
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 _HDR = struct.Struct(">I")
 
 
@@ -268,7 +268,7 @@ def _worker_main() -> None:
 
 
 _WORKER_CMD = (
-    "import sys; sys.path.insert(0, {root!r}); from stages.rewards import _worker_main; _worker_main()"
+    "import sys; sys.path.insert(0, {root!r}); from stages.shared.rewards import _worker_main; _worker_main()"
 )
 
 
@@ -715,7 +715,7 @@ def verify_batch(
 ) -> list[bool | None]:
     """``[(prediction_text, gold), ...]`` -> True / False / None (gold unparseable) per pair.
 
-    The answer is extracted with :func:`stages.templates.extract_answer` (last ``\\boxed{}`` after ``</think>``, else
+    The answer is extracted with :func:`stages.shared.templates.extract_answer` (last ``\\boxed{}`` after ``</think>``, else
     ``<answer>``); no answer -> False. ``parallel``: "auto" (default: pool for large batches and off the main thread),
     True (always the worker pool) or False (inline on the main thread, still time-bounded; risky answers such as
     towers of powers still go to the pool).

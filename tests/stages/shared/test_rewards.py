@@ -1,4 +1,4 @@
-"""stages/rewards.py: rule rewards with TRL's signature, time-bounded math verification, the registry."""
+"""stages/shared/rewards/: rule rewards with TRL's signature, time-bounded math verification, the registry."""
 
 import asyncio
 import logging
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from stages import rewards
-from stages.errors import UserError
-from stages.rewards import (
+from stages.shared import rewards
+from stages.shared.errors import UserError
+from stages.shared.rewards import (
     REWARDS,
     BoundReward,
     accuracy_reward,
@@ -136,7 +136,7 @@ def test_conversational_equals_plain():
 
 def test_unparseable_gold_gives_none_and_warns_once(caplog):
     rewards._warned.discard("gold")
-    with caplog.at_level(logging.WARNING, logger="stages.rewards"):
+    with caplog.at_level(logging.WARNING, logger="stages.shared.rewards"):
         out = accuracy_reward([boxed("5"), boxed("5"), boxed("5")], answer=["???", "", "5"])
         out2 = accuracy_reward([boxed("5")], answer=["\\foo{}"])
     assert out == [None, None, 1.0]
@@ -146,7 +146,7 @@ def test_unparseable_gold_gives_none_and_warns_once(caplog):
 
 def test_none_gold_rows_are_ignored_without_warning(caplog):
     rewards._warned.discard("gold")
-    with caplog.at_level(logging.WARNING, logger="stages.rewards"):
+    with caplog.at_level(logging.WARNING, logger="stages.shared.rewards"):
         assert accuracy_reward([boxed("5"), boxed("5")], answer=[None, "5"]) == [None, 1.0]
     assert not [r for r in caplog.records if "cannot be parsed" in r.getMessage()]
 

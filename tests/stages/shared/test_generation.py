@@ -1,4 +1,4 @@
-"""stages/generation.py: the HF fallback on a tiny model built here, and ONE real vLLM engine per session."""
+"""stages/shared/generation.py: the HF fallback on a tiny model built here, and ONE real vLLM engine per session."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import UserError
-from stages.generation import open_generator, resolve_backend, vllm_available
+from stages.shared.errors import UserError
+from stages.shared.generation import open_generator, resolve_backend, vllm_available
 
 HARDWARE = {"device": "cpu", "vllm": {"enforce_eager": True, "cpu_kvcache_space_gib": 1, "cpu_omp_threads_bind": "0-1"}}
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -109,7 +109,7 @@ def test_hf_keeps_tag_tokens_in_text(tiny_model):
 
 
 def test_vllm_missing_is_a_user_error(monkeypatch):
-    import stages.generation as g
+    import stages.shared.generation as g
 
     monkeypatch.setattr(g, "vllm_available", lambda: False)
     assert g.resolve_backend("auto") == "hf"
@@ -164,3 +164,31 @@ def test_vllm_seeded_sampling_beyond_one_steps_token_budget(vllm_generator):
     prompts = [f"{i} {long_prompt}" for i in range(2 * budget // len(long_prompt.split()) + 2)]
     out = vllm_generator.generate(prompts, n=2, temperature=1.0, top_p=0.95, max_tokens=2, seed=5)
     assert len(out) == len(prompts) and all(len(samples) == 2 for samples in out)
+
+
+def test_vllm_on_a_gpu_starts_its_engine_processes_by_spawn(monkeypatch, tiny_model):
+    """vLLM forks its engine process unless told otherwise, and a fork after anything touched CUDA (the hardware
+    checks call torch.cuda.is_available()) dies with "Cannot re-initialize CUDA in forked subprocess". The generation
+    module must choose spawn before it builds the engine; this records what the engine saw at construction."""
+    pytest.importorskip("vllm")
+    import torch
+    import vllm
+
+    from stages.shared import generation
+
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, model, **kwargs):
+            seen["method"] = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+            seen["kwargs"] = kwargs
+
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    monkeypatch.setattr(generation, "on_cpu", lambda hardware: False)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    hardware = {"device": "cuda", "bf16": True, "vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.5,
+                                                         "enforce_eager": True, "data_parallel_size": 1}}
+    generation.VLLMGenerator(str(tiny_model), revision=None, hardware=hardware, seed=0, max_model_len=None)
+    assert seen["method"] == "spawn"
+    assert seen["kwargs"]["tensor_parallel_size"] == 1 and seen["kwargs"]["gpu_memory_utilization"] == 0.5

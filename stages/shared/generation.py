@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stages.errors import UserError
+from stages.shared.errors import UserError
+from stages.shared.hardware import on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend not in ("vllm", "hf"):
         raise UserError(f"backend: {backend!r} is not one of auto, vllm, hf")
     return backend
-
-
-def _on_gpu(hardware: dict) -> bool:
-    if str(hardware.get("device", "cpu")).startswith("cpu"):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _torch_dtype(hardware: dict, on_gpu: bool):
-    import torch
-
-    if on_gpu:
-        return torch.bfloat16 if hardware.get("bf16", True) else torch.float32
-    return torch.float32  # CPU: fp32 (bf16 generate is slower on most CPUs without AMX)
 
 
 class Generator(abc.ABC):
@@ -120,9 +105,14 @@ class VLLMGenerator(Generator):
                             trust_remote_code=trust_remote_code, revision=revision)
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
-        if _on_gpu(hardware):
+        if not on_cpu(hardware):
             import torch
 
+            # vLLM starts its engine (and tensor-parallel workers) in new processes. It forks them unless CUDA is
+            # already initialised, but anything that touched CUDA before (torch.cuda.is_available() here, in the
+            # hardware checks) leaves a forked child unable to use it: "Cannot re-initialize CUDA in forked
+            # subprocess". Spawned processes start clean.
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
             # Under `accelerate launch` (hardware=multi_gpu) the caller is rank 0 of a torch.distributed job and the
             # other ranks stand by; vLLM builds its own process group over the GPUs, so hide the launcher's one.
             for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -186,52 +176,81 @@ class HFGenerator(Generator):
     def __init__(self, model: str, *, revision: str | None, hardware: dict, seed: int,
                  trust_remote_code: bool = False, batch_size: int | None = None):
         super().__init__("hf", batch_size)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from stages.shared import models
 
         t0 = time.time()
-        on_gpu = _on_gpu(hardware)
-        self.device = "cuda" if on_gpu else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-        self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
-                                                          dtype=_torch_dtype(hardware, on_gpu)).to(self.device).eval()
-        gc = self.model.generation_config
-        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        device = "cpu" if on_cpu(hardware) else "cuda"
+        dtype = "float32" if device == "cpu" else ("bfloat16" if hardware["bf16"] else "float32")
+        self.tokenizer = models.load_tokenizer(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.model = models.load_model(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+                                       device=device).eval()
         self.seed = seed
-        self._torch = torch
         self.startup_seconds = time.time() - t0
 
     def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
-        torch = self._torch
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        # each prompt repeated n times (what num_return_sequences does, but greedy decoding accepts it too)
-        enc = {k: v.repeat_interleave(n, dim=0).to(self.device) for k, v in enc.items()}
-        torch.manual_seed(self.seed if seed is None else seed)
-        sample = temperature > 0
-        with torch.no_grad():
-            out = self.model.generate(**enc, do_sample=sample, temperature=temperature if sample else None,
-                                      top_p=top_p if sample else None, top_k=0 if sample else None,
-                                      max_new_tokens=max_tokens,
-                                      eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        results: list[list[dict]] = []
-        for i in range(len(prompts)):
-            samples = []
-            for ids in new[i * n:(i + 1) * n]:
-                stop = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
-                ids = ids if stop is None else ids[:stop + 1]  # count the eos token, as vLLM does
-                samples.append({"text": self.tokenizer.decode(ids, skip_special_tokens=True), "num_tokens": len(ids),
-                                "finish_reason": "stop" if stop is not None else "length"})
-            results.append(samples)
-        return results
+        import torch
+
+        torch.manual_seed(self.seed if seed is None else seed)  # per batch: HF cannot seed per prompt
+        ids = [list(p) if not isinstance(p, str) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
+               for p in prompts for _ in range(n)]
+        samples = hf_generate(self.model, self.tokenizer, ids, max_new_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, batch_size=len(ids))
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def close(self) -> None:
         self.model = None
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
+
+
+def hf_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0, batch_size: int = 256) -> list[dict]:
+    """transformers `generate` over token-id prompts with a model in memory: one sample dict (text, num_tokens,
+    finish_reason) per prompt; greedy when temperature == 0. Prompts of similar length share a batch (left-padded);
+    fp32 weights on a GPU generate under bf16 autocast, as they train. The one HF generation loop: HFGenerator and
+    the held-out checks during training both use it."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    weight = next(model.parameters())
+    device = weight.device
+    # fp32 master weights on a GPU (hardware.weights_dtype=float32) generate in bf16, as they train: autocast
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and weight.dtype == torch.float32 \
+        and torch.cuda.is_bf16_supported() else contextlib.nullcontext()
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    results: list[dict | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = prompts[i]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        with amp, torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        for row, i in enumerate(idx):
+            completion = out[row, width:].tolist()
+            stop = next((j for j, tok in enumerate(completion) if tok in eos), None)
+            n = len(completion) if stop is None else stop + 1  # the eos token counts, as in vLLM
+            results[i] = {"text": tokenizer.decode(completion[:n], skip_special_tokens=True), "num_tokens": n,
+                          "finish_reason": "length" if stop is None else "stop"}
+    if was_training:
+        model.train()
+    return results  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -239,8 +258,6 @@ def open_generator(model: str | Path, *, backend: str = "auto", hardware: dict |
                    max_model_len: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
                    batch_size: int | None = None) -> Iterator[Generator]:
     """Start one engine for `model` (a local directory or hub id); yields a Generator with `.backend` set."""
-    if not logging.getLogger().handlers:  # stage subprocesses do not configure logging; show progress anyway
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     hardware = dict(hardware or {})
     chosen = resolve_backend(backend)
     if chosen == "vllm":

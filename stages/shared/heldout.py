@@ -1,0 +1,126 @@
+"""Held-out accuracy of a model being trained: the stages' before/after checks and the accuracy curve of the RL runs.
+
+Generation goes through generation.hf_generate (the one HF loop) with the model in memory; the answer checks are the
+rewards the RL stages pay (accuracy through math-verify, the format reward), so "held-out accuracy" means what the
+reward means.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from transformers import TrainerCallback
+
+from stages.shared import data
+from stages.shared.logs import finite
+
+log = logging.getLogger(__name__)
+
+
+def prompt_ids(tokenizer, question: str, template: str) -> list[int]:
+    """Token ids of a prompt exactly as GRPOTrainer builds them (chat template with a generation prompt for
+    conversational templates, plain tokenization otherwise)."""
+    from stages.shared import templates
+
+    prompt = templates.format_prompt(question, template)
+    if isinstance(prompt, str):
+        return tokenizer(text=prompt)["input_ids"]
+    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = out["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def evaluate(model, tokenizer, rows: list[dict], *, template: str, num_samples: int = 1, temperature: float = 0.0,
+             top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256, keep_samples: int = 0) -> dict:
+    """Held-out check on rows ({prompt, answer}): k completions per question (greedy for temperature 0).
+
+    accuracy: share of completions whose final answer (\\boxed{} or <answer>, stages.shared.templates.extract_answer)
+    verifies against the gold answer (rewards.verify_batch) -- what the accuracy reward pays; format_rate: share the
+    RL stage's format reward scores 1; strict_accuracy: both; lenient_accuracy: also counts a bare last number equal
+    to the gold answer (how often a model that never learnt the format is right); mean_length: completion tokens.
+    """
+    from stages.shared import generation, rewards, templates
+
+    prompts = [prompt_ids(tokenizer, r["prompt"], template) for r in rows for _ in range(num_samples)]
+    golds = [str(r["answer"]) for r in rows for _ in range(num_samples)]
+    outs = generation.hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    batch_size=batch_size)
+    texts = [o["text"] for o in outs]
+    correct = [bool(v) for v in rewards.verify_batch(list(zip(texts, golds)))]
+    formatted = [v >= 1.0 for v in rewards.format_reward(texts, template=template)]
+    lenient = []
+    for text, gold, ok in zip(texts, golds, correct):
+        if not ok and templates.extract_answer(text) is None:
+            numbers = _NUMBER_RE.findall(text)
+            ok = bool(numbers) and numbers[-1] == gold.strip()
+        lenient.append(ok)
+    n = max(1, len(texts))
+    result = {
+        "accuracy": sum(correct) / n,
+        "format_rate": sum(formatted) / n,
+        "strict_accuracy": sum(c and f for c, f in zip(correct, formatted)) / n,
+        "lenient_accuracy": sum(lenient) / n,
+        "mean_length": sum(o["num_tokens"] for o in outs) / n,
+        "truncated_rate": sum(o["finish_reason"] == "length" for o in outs) / n,
+        "questions": len(rows),
+    }
+    if keep_samples:
+        result["samples"] = [{"prompt": rows[i // num_samples]["prompt"], "completion": texts[i],
+                              "gold": golds[i], "correct": correct[i], "formatted": formatted[i]}
+                             for i in range(min(keep_samples, len(texts)))]
+    return result
+
+
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def eval_rows(path, n: int, *, name: str = "eval_file") -> list[dict]:
+    """The first n rows ({prompt, answer}) of the held-out split."""
+    rows = data.load_rows(path, ["prompt", "answer"], name)
+    if n and n > 0:
+        rows = rows[:n]
+    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+
+
+def eval_metrics(prefix: str, result: dict) -> dict:
+    return {f"{prefix}_{k}": v for k, v in result.items() if finite(v)}
+
+
+class HeldoutEvalCallback(TrainerCallback):
+    """Held-out accuracy every `every` steps (and at step 0), appended to the log history as heldout/* entries."""
+
+    def __init__(self, tokenizer, rows: list[dict], *, template: str, every: int, max_new_tokens: int,
+                 batch_size: int = 256):
+        self.tokenizer, self.rows, self.template = tokenizer, rows, template
+        self.every, self.max_new_tokens, self.batch_size = every, max_new_tokens, batch_size
+
+    def _run(self, state, model):
+        result = evaluate(model, self.tokenizer, self.rows, template=self.template,
+                          max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        entry = {f"heldout/{k}": v for k, v in result.items() if k != "samples"}
+        entry["step"] = state.global_step
+        state.log_history.append(entry)
+        if state.is_world_process_zero:
+            log.info("step %d/%d heldout_acc=%.4g heldout_fmt=%.4g heldout_len=%.4g", state.global_step,
+                     state.max_steps, result["accuracy"], result["format_rate"], result["mean_length"])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.every > 0 and state.global_step == 0 and model is not None:
+            self._run(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every > 0 and model is not None and (state.global_step % self.every == 0
+                                                     or state.global_step == state.max_steps):
+            self._run(state, model)
+
+
+def check(model, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, label: str) -> dict:
+    """Greedy held-out accuracy / format rate / length on `rows`, logged with two sample completions: the before/after
+    check of the stages that train."""
+    result = evaluate(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens, keep_samples=2)
+    for s in result.pop("samples", []):
+        log.info("  %r -> %r (gold %s)", s["prompt"], s["completion"], s["gold"])
+    log.info("held-out %s [%s]: accuracy=%.3f format=%.3f len=%.1f", label, template, result["accuracy"],
+             result["format_rate"], result["mean_length"])
+    return result

@@ -1,0 +1,435 @@
+"""Training pieces shared by every stage that trains: TRL argument building from the `hardware` node, resume from the
+last complete checkpoint, a line-per-log progress callback, log history and summary metrics, a held-out accuracy
+check, and the `sft()` helper (cold-start SFT, merged SFT, distillation).
+
+What later stages reuse:
+
+- `setup(cfg)`: torch threads and seeds from the stage config, before anything is built.
+- `trainer_args(config_cls, cfg, checkpoint_dir, **fields)`: a TRL config (SFTConfig, GRPOConfig, ...) with the
+  hardware settings, checkpointing into `checkpoint_dir`, progress lines instead of tqdm; `fields` win.
+- `load_policy(model_dir, hardware)` -> (model, tokenizer) from an input checkpoint artifact.
+- `train(trainer, checkpoint_dir)`: `trainer.train()` resuming from the last complete checkpoint; returns the step it
+  resumed from (0 for a fresh start).
+- `ProgressCallback`: prints `step i/N key=val ...` on every log; `HeldoutEvalCallback`: held-out accuracy every N
+  steps into the log history (the RL curves' accuracy).
+- `evaluate(model, tokenizer, rows, template=..., ...)` -> {accuracy, format_rate, mean_length, ...}.
+- `sft(cfg, model, tokenizer, dataset, work_dir)` -> (plain model, trainer): SFTTrainer on a messages / text /
+  prompt-completion dataset, LoRA optional (merged at the end), resumed after a crash.
+- `finish(output_dir, model, tokenizer, trainer)`: save_pretrained + log_history.jsonl + loss/RL plots; returns the
+  summary metrics of the log history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from transformers import TrainerCallback
+
+from stages.shared import logs
+from stages.shared.errors import UserError
+from stages.shared.hardware import hardware_args, is_main_process, model_dtype, on_cpu, world_size
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields) -> Any:
+    """Build a TRL config (SFTConfig, GRPOConfig, ...) for one stage.
+
+    Defaults: the hardware settings, seed, checkpoints every `save_steps` into `checkpoint_dir` (two kept; optimizer,
+    scheduler and RNG included), a log every `logging_steps`, no tqdm and no external loggers (ProgressCallback prints
+    lines that stream into Prefect). `fields` (the stage's own knobs) override them. Unknown fields are an error.
+    """
+    hardware = cfg.get("hardware") or {}
+    base = dict(
+        output_dir=str(checkpoint_dir),
+        seed=int(cfg.get("seed", 0)),
+        data_seed=int(cfg.get("seed", 0)),
+        report_to="none",
+        disable_tqdm=True,
+        log_level="warning",
+        logging_strategy="steps",
+        logging_steps=int(cfg.get("logging_steps", 10)),
+        save_strategy="steps",
+        save_steps=int(cfg.get("save_steps", 100)),
+        save_total_limit=2,
+        **hardware_args(hardware),
+    )
+    base.update(fields)
+    known = {f.name for f in dataclass_fields(config_cls)}
+    if "warmup_ratio" in base and "warmup_ratio" not in known:  # transformers 5: warmup_steps < 1 is a ratio
+        ratio = float(base.pop("warmup_ratio") or 0.0)
+        if ratio >= 1:
+            raise UserError(f"warmup_ratio={ratio} must be < 1 (a share of the training steps)")
+        base.setdefault("warmup_steps", ratio)
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise UserError(f"{config_cls.__name__} has no field(s) {unknown}; check the stage config keys")
+    return config_cls(**base)
+
+
+def load_policy(model_dir: str | Path, hardware: Mapping):
+    """(model, tokenizer) of a checkpoint artifact (a save_pretrained dir or a recorded hub/local source)."""
+    from stages.shared import models
+
+    source, revision = models.model_source(Path(model_dir))
+    device = "cpu" if on_cpu(hardware) else "cuda"
+    model = models.load_model(source, revision=revision, trust_remote_code=False, dtype=model_dtype(hardware),
+                              device=device)
+    tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=False)
+    from stages.shared import attention
+
+    attention.set_attention(model, hardware.get("attn_implementation"))  # sdpa_varlen: registered here, sdpa on CPU
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest *complete* checkpoint (trainer_state.json is written last) under checkpoint_dir, or None.
+
+    A checkpoint a crash cut short is removed, so the trainer does not trip over it when it saves that step again.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for path in checkpoint_dir.iterdir():
+        m = _CHECKPOINT_RE.match(path.name)
+        if m and path.is_dir():
+            if (path / "trainer_state.json").exists():
+                found.append((int(m.group(1)), path))
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+    return str(max(found)[1]) if found else None
+
+
+def train(trainer, checkpoint_dir: str | Path) -> int:
+    """trainer.train(), resumed from the last complete checkpoint in checkpoint_dir (model, optimizer, scheduler, RNG,
+    step). Returns the global step it resumed from (0 for a fresh start)."""
+    from transformers import TrainerState
+
+    checkpoint = last_checkpoint(checkpoint_dir)
+    start = 0
+    if checkpoint:
+        state_file = Path(checkpoint) / "trainer_state.json"
+        saved = json.loads(state_file.read_text())
+        start = int(saved.get("global_step", 0))
+        if saved.get("max_steps") and start >= int(saved["max_steps"]):
+            # Training had finished (the crash came later, e.g. while saving the artifact): Trainer would run one
+            # more step on a resume at max_steps, so load the final weights and state instead.
+            log.info("training had finished at %s; loading it", checkpoint)
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(str(state_file))
+            trainer.resumed_from = start
+            return start
+        log.info("resuming from %s (global_step %d)", checkpoint, start)
+    if getattr(trainer, "is_fsdp_enabled", False) and world_size() > 1:
+        # transformers' generate keeps every process stepping until all are done (synced_gpus) only for models it
+        # knows to be FSDP-managed, and accelerate's FSDP does not mark them: without it, GRPO's generation and the
+        # held-out checks deadlock in the layers' all-gathers as soon as two processes stop after different lengths.
+        trainer.model._is_fsdp_managed_module = True
+    trainer.resumed_from = start
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress lines and log history
+
+# Log keys printed by ProgressCallback, in this order, with their short names. Anything else is kept in the log history.
+_SHOWN = [
+    ("loss", "loss"), ("mean_token_accuracy", "tok_acc"), ("reward", "reward"), ("reward_std", "reward_std"),
+    ("heldout/accuracy", "heldout_acc"), ("heldout/format_rate", "heldout_fmt"), ("kl", "kl"),
+    ("entropy", "entropy"), ("completions/mean_length", "len"), ("completions/clipped_ratio", "truncated"),
+    ("clip_ratio/region_mean", "clipped"), ("frac_reward_zero_std", "zero_std"), ("grad_norm", "grad_norm"),
+    ("learning_rate", "lr"),
+]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressCallback(TrainerCallback):
+    """One line per log: `step i/N key=val ...` (tqdm stays off, so logs stream line by line into Prefect)."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+        self.t0 = None
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.time()
+        self.start_step = state.global_step
+        if state.is_world_process_zero:
+            log.info("%s: training to step %d%s", self.name, state.max_steps,
+                     f" (resumed at {state.global_step})" if state.global_step else "")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key, short in _SHOWN:
+            if logs.get(key) is not None:
+                parts.append(f"{short}={_fmt(logs[key])}")
+        for key, value in logs.items():  # per reward function: rewards/<name>/mean
+            if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
+                parts.append(f"{key.split('/')[1]}={_fmt(value)}")
+        if len(parts) > 1 and state.is_world_process_zero:  # several processes (FSDP): one line, not one each
+            if self.t0 is not None and state.global_step > self.start_step:
+                per_step = (time.time() - self.t0) / (state.global_step - self.start_step)
+                parts.append(f"s/step={per_step:.2f}")
+            log.info(" ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SFT
+
+def lora_config(lora: Mapping | None):
+    if not lora or not lora.get("enabled"):
+        return None
+    from peft import LoraConfig
+
+    target = lora.get("target_modules", "all-linear")
+    return LoraConfig(r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)),
+                      lora_dropout=float(lora.get("dropout", 0.0)),
+                      target_modules=list(target) if not isinstance(target, str) else target, task_type="CAUSAL_LM")
+
+
+SFT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_length", "packing",
+            "assistant_only_loss", "adam_epsilon", "max_grad_norm")
+
+
+def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: str = "sft",
+        callbacks: list | None = None, **fields):
+    """Supervised fine-tuning with TRL's SFTTrainer; returns (plain model, trainer).
+
+    `dataset` is a datasets.Dataset in one of TRL's formats: `messages` (conversational; cfg.assistant_only_loss puts
+    the loss on the assistant turns, which the chat template marks with {% generation %}), `prompt`/`completion`
+    (loss on the completion), or `text` (language modelling). The knobs in SFT_KEYS come from cfg, `fields` override
+    them. cfg.packing turns on best-fit packing, which is padding-free (position ids restart per sequence; sdpa and
+    flash attention keep the sequences apart). cfg.lora.enabled trains a LoRA adapter through peft and merges it into
+    the returned model, so what is saved is a plain checkpoint. Checkpoints go to work_dir/checkpoints; a rerun
+    resumes from the last one.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    knobs = {k: cfg[k] for k in SFT_KEYS if k in cfg and cfg[k] is not None}
+    if knobs.get("packing"):
+        knobs.setdefault("packing_strategy", "bfd")
+    if not knobs.get("packing"):  # padded batches: similar lengths together, less padding
+        knobs["train_sampling_strategy"] = "group_by_length"
+    knobs.update(fields)
+    if "text" in dataset.column_names and "messages" not in dataset.column_names:
+        knobs["assistant_only_loss"] = False
+    ckpt = Path(work_dir) / CHECKPOINT_DIR
+    # GPU (conf/hardware/gpu.yaml, stages/shared/attention.py): padding-free batches through varlen attention, compiled layers
+    from stages.shared import attention
+
+    hardware = cfg.get("hardware") or {}
+    attention.set_attention(model, hardware.get("attn_implementation"))  # models built in-stage (base) too
+    collator = attention.padding_free_collator(tokenizer) if not knobs.get("packing") and \
+        attention.use_padding_free(hardware, model) else None
+    if attention.compile_for_training(model, hardware):
+        knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
+    args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
+    trainer = build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, data_collator=collator,
+                            peft_config=lora_config(cfg.get("lora")))
+    try:
+        train(trainer, ckpt)
+    finally:
+        attention.uncompile(model)  # generation and saving afterwards run the plain modules
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
+        model = model.merge_and_unload()
+    return model, trainer
+
+
+def build_trainer(trainer_cls, *, name: str, callbacks: list | None = None, **kwargs):
+    """A TRL trainer (SFTTrainer, GRPOTrainer, RewardTrainer) that reports progress as `step i/N key=val` lines
+    (ProgressCallback) instead of transformers' printed dicts."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = trainer_cls(callbacks=[ProgressCallback(name), *(callbacks or [])], **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO (reasoning_grpo and the alignment RL of merged_sft_alignment)
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, revision: str | None = None):
+    """The GRPOConfig for this stage, every RL knob taken from cfg (nothing left to TRL's defaults)."""
+    from trl import GRPOConfig
+
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"reasoning_grpo.loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    scale = {True: "group", False: "none"}.get(cfg.scale_rewards, cfg.scale_rewards)
+    if scale not in SCALE_REWARDS:
+        raise UserError(f"reasoning_grpo.scale_rewards={cfg.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+    if cfg.sync_ref_model and float(cfg.beta) == 0.0:
+        raise UserError("reasoning_grpo.sync_ref_model=true needs a reference model: set reasoning_grpo.beta > 0 "
+                        "(the paper: 0.001)")
+    G = int(cfg.num_generations)
+    if G < 2:
+        raise UserError(f"reasoning_grpo.num_generations={G}: GRPO needs at least 2 samples per prompt")
+    per_step, accumulation = int(cfg.prompts_per_step) * G, int(cfg.gradient_accumulation_steps)
+    if per_step % accumulation:
+        raise UserError(f"reasoning_grpo: prompts_per_step x num_generations = {per_step} samples per step must divide "
+                        f"by gradient_accumulation_steps={accumulation}")
+    hardware = cfg.hardware
+    fields = dict(
+        # the batch: prompts_per_step prompts x G samples per optimizer step (on one process)
+        num_generations=G,
+        per_device_train_batch_size=per_step // accumulation,
+        gradient_accumulation_steps=accumulation,
+        # one rollout feeds steps_per_rollout optimizer steps (the paper: 8,192 outputs split in 16 minibatches);
+        # TRL counts steps_per_generation in forward/backward passes
+        steps_per_generation=int(cfg.get("steps_per_rollout") or 1) * accumulation,
+        num_iterations=int(cfg.num_iterations),
+        max_steps=int(cfg.max_steps),
+        learning_rate=float(cfg.learning_rate),
+        lr_scheduler_type=str(cfg.lr_scheduler_type),
+        warmup_ratio=float(cfg.warmup_ratio),
+        adam_epsilon=float(cfg.get("adam_epsilon", 1e-8)),
+        max_grad_norm=float(cfg.get("max_grad_norm", 1.0)),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        # the objective
+        beta=float(cfg.beta),
+        epsilon=float(cfg.epsilon),
+        epsilon_high=float(cfg.epsilon if cfg.get("epsilon_high") is None else cfg.epsilon_high),
+        loss_type=str(cfg.loss_type),
+        scale_rewards=scale,
+        reward_weights=reward_weights,
+        mask_truncated_completions=bool(cfg.get("mask_truncated_completions", False)),
+        top_entropy_quantile=float(cfg.get("top_entropy_quantile", 1.0)),
+        sync_ref_model=bool(cfg.sync_ref_model),
+        ref_model_sync_steps=int(cfg.ref_model_sync_steps),
+        ref_model_mixup_alpha=float(cfg.ref_model_mixup_alpha),
+        disable_dropout=True,
+        # generation
+        temperature=float(cfg.temperature),
+        top_p=float(cfg.top_p),
+        max_completion_length=int(cfg.max_completion_length),
+        use_vllm=bool(cfg.use_vllm),
+        vllm_mode=str(cfg.vllm_mode),
+        shuffle_dataset=bool(cfg.get("shuffle", True)),
+        log_completions=False,
+    )
+    if revision and float(cfg.beta) > 0:  # the reference model loads from the same pinned hub revision
+        fields["model_init_kwargs"] = {"revision": revision}
+    if cfg.use_vllm:
+        vllm = hardware.get("vllm") or {}
+        tp = vllm.get("tensor_parallel_size", 1)
+        fields.update(vllm_gpu_memory_utilization=float(vllm.get("gpu_memory_utilization", 0.3)),
+                      vllm_tensor_parallel_size=1 if tp in (None, "auto") else int(tp),
+                      vllm_enable_sleep_mode=bool(vllm.get("enable_sleep_mode", False)))
+        if cfg.get("vllm_server_base_url"):
+            fields["vllm_server_base_url"] = str(cfg.vllm_server_base_url)
+    return trainer_args(GRPOConfig, cfg, checkpoint_dir, **fields)
+
+
+def check_vllm(cfg) -> None:
+    if not cfg.use_vllm:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("reasoning_grpo.use_vllm=true but vLLM is not installed (`make setup` installs it on GPU "
+                        "machines); set reasoning_grpo.use_vllm=false to generate with the trainer")
+    if on_cpu(cfg.hardware):
+        raise UserError("reasoning_grpo.use_vllm=true needs a GPU: TRL's weight sync into vLLM's CPU backend fails "
+                        "('Parameter' object has no attribute 'weight_loader'); keep use_vllm=false with hardware=cpu")
+    if cfg.vllm_mode not in ("colocate", "server"):
+        raise UserError(f"reasoning_grpo.vllm_mode={cfg.vllm_mode!r}; use colocate or server")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving
+
+def save_model(model, tokenizer, output_dir: str | Path) -> None:
+    """A plain transformers checkpoint (safetensors) that AutoModelForCausalLM and vLLM load directly.
+
+    Under FSDP (several processes) every process must call it: the full state dict is gathered onto the main
+    process's CPU, the main process writes it, the others wait for it at a barrier."""
+    output_dir = Path(output_dir)
+    if fsdp_sharded(model):
+        _save_sharded(model, tokenizer, output_dir)
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def fsdp_sharded(model) -> bool:
+    """Whether model's weights are sharded over several processes by FSDP (1: a wrapper module; 2: fully_shard)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover  (torch < 2.6)
+        FSDPModule = FullyShardedDataParallel
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+def _save_sharded(model, tokenizer, output_dir: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # a collective: every process takes part; the main process receives the full tensors on its CPU, the others {}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plain = getattr(model, "module", model)  # FSDP1: the wrapped model; FSDP2 shards the model in place
+        plain.save_pretrained(output_dir, state_dict=state)
+        tokenizer.save_pretrained(output_dir)
+    del state
+    dist.barrier()
+
+
+def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = False) -> dict:
+    """Save model + tokenizer, log_history.jsonl and plots into output_dir; return the log history's summary.
+    Under FSDP every process calls it (the weights are gathered) and the main process writes."""
+    from stages.shared import plots
+
+    output_dir = Path(output_dir)
+    save_model(model, tokenizer, output_dir)
+    history = list(trainer.state.log_history)
+    if is_main_process():
+        logs.write_log_history(history, output_dir / logs.LOG_HISTORY)
+        if rl:
+            plots.plot_rl(history, output_dir / "rl_curves.png")
+        plots.plot_loss(history, output_dir / "loss.png")
+    metrics = logs.summarize(history)
+    metrics["global_step"] = int(trainer.state.global_step)
+    metrics["resumed_from_step"] = int(getattr(trainer, "resumed_from", 0))
+    return metrics
+
+
