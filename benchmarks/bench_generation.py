@@ -68,8 +68,10 @@ def measure(args) -> dict:
     from stages.shared.generation import open_generator
 
     torch.set_num_threads(args.threads)
-    hardware = {"device": "cpu", "vllm": {"enforce_eager": True, "cpu_kvcache_space_gib": 1,
-                                          "cpu_omp_threads_bind": f"0-{args.threads - 1}"}}
+    from pipeline.plan import compose_config
+
+    hardware = compose_config(["hardware.vllm.cpu_kvcache_space_gib=1",
+                               f"hardware.vllm.cpu_omp_threads_bind=0-{args.threads - 1}"]).hardware
     ps = prompts(args.prompts, args.model_dir)
     kw = dict(n=args.n, temperature=1.0, top_p=0.95, max_tokens=args.max_tokens)
     t0 = time.time()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import artifacts
+from stages.shared import schema
 from stages.shared.data import sha256_file
 from stages.shared.errors import UserError
 
@@ -41,6 +42,7 @@ class Stage:
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Hydra composition of conf/ with command-line style overrides; config errors become UserErrors."""
+    schema.register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))

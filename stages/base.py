@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from stages.shared import hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
@@ -26,14 +29,14 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         return _build_and_pretrain(cfg, Path(output_dir), Path(work_dir), callbacks)
     from stages.shared import models
 
-    metrics = models.record_source(source, cfg.model.get("revision"), Path(output_dir))
-    if int(cfg.get("max_steps") or 0) > 0 and cfg.get("corpus"):
+    metrics = models.record_source(source, cfg.model.revision, Path(output_dir))
+    if int(cfg.max_steps) > 0 and cfg.corpus:
         src, revision = models.model_source(Path(output_dir))
-        model = models.load_model(src, revision=revision, trust_remote_code=bool(cfg.model.get("trust_remote_code")),
+        model = models.load_model(src, revision=revision, trust_remote_code=bool(cfg.model.trust_remote_code),
                                   dtype=hardware.model_dtype(cfg.hardware),
                                   device="cpu" if hardware.on_cpu(cfg.hardware) else "cuda")
         tokenizer = models.load_tokenizer(src, revision=revision,
-                                          trust_remote_code=bool(cfg.model.get("trust_remote_code")))
+                                          trust_remote_code=bool(cfg.model.trust_remote_code))
         for f in Path(output_dir).iterdir():  # the reference is replaced by the trained weights
             f.unlink()
         metrics.update(_pretrain(cfg, model, tokenizer, Path(output_dir), Path(work_dir), callbacks))
@@ -51,8 +54,8 @@ def _build_and_pretrain(cfg, output_dir: Path, work_dir: Path, callbacks) -> dic
     tokenizer = models.build_tokenizer(corpus_files, int(cfg.model.tokenizer.vocab_size))
     model = models.build_model(dict(cfg.model.architecture), tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"base: built {type(model).__name__} with {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)} "
-          f"({time.time() - t0:.1f}s)", flush=True)
+    log.info(f"base: built {type(model).__name__} with {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)} "
+          f"({time.time() - t0:.1f}s)")
     metrics = _pretrain(cfg, model, tokenizer, output_dir, work_dir, callbacks)
     metrics["parameters"] = n_params
     return metrics
@@ -69,7 +72,7 @@ def _pretrain(cfg, model, tokenizer, output_dir: Path, work_dir: Path, callbacks
     dataset = Dataset.from_list([{"text": r["text"]} for r in rows])
     max_steps = int(cfg.max_steps)
     fields = dict(max_steps=max_steps, per_device_train_batch_size=int(cfg.batch_size), completion_only_loss=False)
-    packing = cfg.get("packing", "wrapped")
+    packing = cfg.packing
     if packing in ("wrapped", "bfd", "bfd_split"):
         # wrapped: the corpus as one stream cut into max_length rows (no padding, documents separated by eos);
         # bfd: whole documents binned into rows, padding-free with per-document positions (varlen attention, GPU)
@@ -77,9 +80,9 @@ def _pretrain(cfg, model, tokenizer, output_dir: Path, work_dir: Path, callbacks
     elif packing:
         raise UserError(f"base.packing={packing!r}; use wrapped, bfd, bfd_split or null (padded batches)")
     else:
-        fields["train_sampling_strategy"] = "group_by_length" if cfg.get("group_by_length") else "random"
-    if cfg.get("lr_scheduler_type") == "warmup_stable_decay":
-        fields["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, int(max_steps * float(cfg.get("decay_ratio", 0.25)))),
+        fields["train_sampling_strategy"] = "group_by_length" if cfg.group_by_length else "random"
+    if cfg.lr_scheduler_type == "warmup_stable_decay":
+        fields["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, int(max_steps * float(cfg.decay_ratio))),
                                          "min_lr_ratio": 0.0}
     model, trainer = trainers.sft(cfg, model, tokenizer, dataset, work_dir, name="base", callbacks=callbacks,
                                   **fields)
@@ -92,17 +95,13 @@ def _pretrain(cfg, model, tokenizer, output_dir: Path, work_dir: Path, callbacks
 
 def _heldout(cfg, model, tokenizer) -> dict:
     """Greedy held-out check in the R1-Zero template: how many the base answers right, and in which format."""
-    n = int(cfg.get("eval_samples") or 0)
-    if n <= 0 or not cfg.get("eval_file"):
+    n = int(cfg.eval_samples)
+    if n <= 0 or not cfg.eval_file:
         return {}
     rows = heldout.eval_rows(cfg.eval_file, n, name="base.eval_file")
     out = {}
-    for template in cfg.get("eval_templates") or ["r1_zero"]:
-        result = heldout.evaluate(model, tokenizer, rows, template=template,
-                                   max_new_tokens=int(cfg.get("eval_max_new_tokens", 96)), keep_samples=3)
-        for s in result.pop("samples", []):
-            print(f"  [{template}] {s['prompt']!r} -> {s['completion']!r} (gold {s['gold']})", flush=True)
-        print(f"base: held-out [{template}] accuracy={result['accuracy']:.3f} "
-              f"format={result['format_rate']:.3f} len={result['mean_length']:.1f}", flush=True)
+    for template in cfg.eval_templates:
+        result = heldout.check(model, tokenizer, rows, template=template, max_new_tokens=int(cfg.eval_max_new_tokens),
+                               label="base")
         out.update(heldout.eval_metrics(f"eval_{template}", result))
     return out

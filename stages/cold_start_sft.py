@@ -11,11 +11,14 @@ rate of the input model and of the result.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from stages.shared import hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def build_dataset(cfg):
@@ -25,13 +28,13 @@ def build_dataset(cfg):
     from stages.shared import data, templates
 
     rows = data.load_rows(cfg.train_file, ["messages"], "cold_start_sft.train_file")
-    if cfg.get("max_difficulty") is not None:
+    if cfg.max_difficulty is not None:
         rows = [r for r in rows if r.get("difficulty") is None or int(r["difficulty"]) <= int(cfg.max_difficulty)]
-    if cfg.get("max_samples"):
+    if cfg.max_samples is not None:
         rows = rows[: int(cfg.max_samples)]
     if not rows:
         raise UserError(f"cold_start_sft.train_file={cfg.train_file!r} has no usable rows")
-    template = cfg.get("template") or "r1"
+    template = cfg.template
     out = []
     for i, r in enumerate(rows):
         messages = r["messages"]
@@ -51,10 +54,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     hardware.setup(cfg)
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
     dataset = build_dataset(cfg)
-    print(f"cold_start_sft: {len(dataset)} samples", flush=True)
-    rows = heldout.eval_rows(cfg.eval_file, int(cfg.get("eval_samples") or 0), name="cold_start_sft.eval_file") \
-        if cfg.get("eval_samples") else []
-    template = cfg.get("template") or "r1"
+    log.info(f"cold_start_sft: {len(dataset)} samples")
+    rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="cold_start_sft.eval_file") \
+        if cfg.eval_samples > 0 else []
+    template = cfg.template
     metrics: dict = {"samples": len(dataset)}
     if rows:
         before = _heldout(model, tokenizer, rows, cfg, template, "before")

@@ -11,19 +11,22 @@ held-out accuracy / format rate of the student before and after, and the trainin
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from stages.shared import data, hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
 
+log = logging.getLogger(__name__)
+
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
     hardware.setup(cfg)
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
-    dataset, kinds = data.sft_dataset(inputs["dataset"], cfg.get("max_samples"))
-    print(f"distill: {len(dataset)} samples {kinds} -> student {inputs['model']}", flush=True)
+    dataset, kinds = data.sft_dataset(inputs["dataset"], cfg.max_samples)
+    log.info(f"distill: {len(dataset)} samples {kinds} -> student {inputs['model']}")
     metrics: dict = {"samples": len(dataset), **{f"samples_{k}": v for k, v in kinds.items()}}
-    evaluate = int(cfg.get("eval_samples") or 0) > 0
+    evaluate = int(cfg.eval_samples) > 0
     if evaluate:
         metrics.update(heldout.eval_metrics("before", _check(model, tokenizer, cfg, "before")))
     t0 = time.time()

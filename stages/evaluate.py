@@ -36,6 +36,7 @@ prompt i of a benchmark samples with a fixed seed whatever the sharding.
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import re
@@ -48,6 +49,8 @@ from typing import Any, Callable, Sequence
 
 from stages.shared import data
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 HELDOUT = "heldout"
 RECORDS = "records.jsonl"
@@ -227,9 +230,9 @@ def load_benchmark(spec: Any, name: str, max_questions: int | None = None) -> li
 def benchmark_specs(cfg) -> dict[str, Any]:
     """{name: file entry}: `heldout` (cfg.eval_file, when set) first, then cfg.benchmarks in their order."""
     specs: dict[str, Any] = {}
-    if cfg.get("eval_file"):
+    if cfg.eval_file:
         specs[HELDOUT] = cfg.eval_file
-    for name, spec in (cfg.get("benchmarks") or {}).items():
+    for name, spec in cfg.benchmarks.items():
         if name == HELDOUT:
             raise UserError(f"data.benchmarks.{HELDOUT}: the name is taken by the held-out split (evaluate.eval_file); "
                             f"rename the benchmark")
@@ -329,19 +332,19 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     hardware.setup(cfg)
     if "model" not in inputs:
         raise UserError(f"evaluate needs an input with role `model` (a checkpoint); got roles {sorted(inputs)}")
-    template = templates.check_template(cfg.get("template", "r1"))
+    template = templates.check_template(cfg.template)
     k = int(cfg.num_samples)
     if k < 1:
         raise UserError(f"evaluate.num_samples={k}: need at least 1 sample per question")
     temperature, top_p, max_tokens = float(cfg.temperature), float(cfg.top_p), int(cfg.max_tokens)
-    seed = int(cfg.get("seed", 0))
-    language = str(cfg.get("language") or "en")
-    shard_size = max(1, int(cfg.get("shard_questions") or 256))
-    benches = {name: load_benchmark(spec, name, cfg.get("max_questions"))
+    seed = int(cfg.seed)
+    language = str(cfg.language)
+    shard_size = max(1, int(cfg.shard_questions))
+    benches = {name: load_benchmark(spec, name, cfg.max_questions)
                for name, spec in benchmark_specs(cfg).items()}
 
     source, revision = models.model_source(inputs["model"])
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = bool(cfg.trust_remote_code)
     tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=trust)
     prompts = {name: [templates.render_prompt(r["prompt"], template, tokenizer) for r in rows]
                for name, rows in benches.items()}
@@ -354,25 +357,24 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if todo:
         from stages.shared.generation import open_generator
 
-        hardware = dict(cfg.get("hardware") or {})
-        max_model_len = cfg.get("max_model_len") or auto_max_model_len(
+        max_model_len = cfg.max_model_len or auto_max_model_len(
             source, revision, trust, tokenizer, [p for ps in prompts.values() for p in ps], max_tokens)
-        with open_generator(source, backend=cfg.get("backend", "auto"), hardware=hardware, seed=seed,
+        with open_generator(source, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
                             max_model_len=max_model_len, revision=revision, trust_remote_code=trust) as gen:
-            print(f"evaluate: {len(todo)} shard(s) to generate with {gen.backend} "
-                  f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})", flush=True)
+            log.info(f"evaluate: {len(todo)} shard(s) to generate with {gen.backend} "
+                  f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})")
             for name, start in todo:
                 batch = prompts[name][start:start + shard_size]
                 bench_seed = seed + zlib.crc32(name.encode()) % 1_000_003 * 1000 + start * k
                 samples = gen.generate(batch, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                        seed=bench_seed)
                 data.write_json(_shard_path(work_dir, name, start), {"backend": gen.backend, "samples": samples})
-                print(f"evaluate: {name} questions {start}..{start + len(batch) - 1} done "
-                      f"({time.time() - t0:.1f} s)", flush=True)
+                log.info(f"evaluate: {name} questions {start}..{start + len(batch) - 1} done "
+                      f"({time.time() - t0:.1f} s)")
     gen_seconds = time.time() - t0
 
-    equivalent = answers_equivalent if cfg.get("vote_equivalence", True) else None
-    keep_texts = int(cfg.get("keep_texts", 1) or 0)
+    equivalent = answers_equivalent if cfg.vote_equivalence else None
+    keep_texts = int(cfg.keep_texts)
     summary: dict[str, dict] = {}
     with open(Path(output_dir) / RECORDS, "w", encoding="utf-8") as out:
         for name, rows in benches.items():
@@ -384,7 +386,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 langs = [row.get("language") or language for row in shard_rows]
                 scored = score_samples([[s["text"] for s in samples] for samples in shard["samples"]],
                                        [row["answer"] for row in shard_rows], template=template, languages=langs,
-                                       think_prefilled=bool(cfg.get("think_prefilled", False)))
+                                       think_prefilled=bool(cfg.think_prefilled))
                 for row, samples, scores, lang in zip(shard_rows, shard["samples"], scored, langs):
                     texts = [s["text"] for s in samples]
                     cons_ok, vote = cons_at_k(scores["answers"], scores["correct"], equivalent)
@@ -401,9 +403,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
             summary[name] = summarize(records)
             s = summary[name]
-            print(f"evaluate: {name}: pass@1={s['pass@1']:.3f} cons@{k}={s['cons@k']:.3f} "
+            log.info(f"evaluate: {name}: pass@1={s['pass@1']:.3f} cons@{k}={s['cons@k']:.3f} "
                   f"format={s['format_rate']:.3f} lang={s['language_consistency']:.3f} "
-                  f"len={s['mean_length']:.1f} ({s['n_questions']} questions)", flush=True)
+                  f"len={s['mean_length']:.1f} ({s['n_questions']} questions)")
 
     backend = "+".join(sorted(backends))
     data.write_json(Path(output_dir) / SUMMARY, {

@@ -24,6 +24,7 @@ rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with sft_loss.pn
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import random
@@ -34,6 +35,8 @@ from omegaconf import OmegaConf
 
 from stages.shared import data, generation, hardware, heldout, logs, reward_models, trainers
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 RM_INPUTS = {"helpfulness": "helpfulness_rm", "harmlessness": "harmlessness_rm"}  # reward name -> input role
 GENERAL, REASONING = "general", "reasoning"
@@ -67,13 +70,13 @@ def reward_functions(acfg, rms: dict, *, from_step: int):
 
     weights = {str(k): float(v) for k, v in dict(acfg.rewards).items()}
     extra = {name: reward_models.rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
-                             max_length=meta.get("max_length"), batch_size=int(acfg.rm_batch_size))
+                             max_length=meta["max_length"], batch_size=int(acfg.rm_batch_size))
              for name, (model, tok, meta) in rms.items()}
     missing = sorted(set(RM_INPUTS) & {k for k, v in weights.items() if v} - set(extra))
     if missing:
         raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
     funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),
-                                                           language=acfg.get("language"))
+                                                           language=acfg.language)
     return [ForKind(f, GENERAL if f.__name__ in extra else REASONING) for f in funcs], reward_weights
 
 
@@ -144,9 +147,9 @@ def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, cfg) -> dict:
     out = {}
     for name, (rm, tok, meta) in rms.items():
         scores = reward_models.score(rm, tok, questions, [reward_models.view(t, meta["scope"]) for t in texts],
-                                    max_length=meta.get("max_length"))
+                                    max_length=meta["max_length"])
         out[name] = sum(scores) / len(scores)
-    print(f"  {questions[0]!r} -> {texts[0]!r}", flush=True)
+    log.info(f"  {questions[0]!r} -> {texts[0]!r}")
     return out
 
 
@@ -157,8 +160,8 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
                                    max_new_tokens=int(cfg.eval_max_new_tokens))
         out.update({k: v for k, v in result.items() if k != "samples"})
     out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, cfg).items()})
-    print(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
-                                                      if isinstance(v, float)), flush=True)
+    log.info(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
+                                                      if isinstance(v, float)))
     return out
 
 
@@ -169,7 +172,7 @@ def _node(cfg, part: str):
     """cfg.<part> with the stage-level seed, hardware and language pulled in (what trainers.* and TRL configs read)."""
     node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
     for key in ("seed", "hardware", "language", "template"):
-        node.setdefault(key, cfg.get(key))
+        node[key] = cfg[key]
     return OmegaConf.create(node)
 
 
@@ -179,15 +182,14 @@ def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
     sft_dir = work_dir / "sft"
     done = sft_dir / "model"
     if (done / "metrics.json").is_file():
-        print(f"merged_sft_alignment: merged SFT already done ({done})", flush=True)
+        log.info(f"merged_sft_alignment: merged SFT already done ({done})")
         model, tokenizer = trainers.load_policy(done, cfg.hardware)
         saved = json.loads((done / "metrics.json").read_text())
         return model, tokenizer, saved["metrics"], saved["log_history"]
     scfg = _node(cfg, "sft")
     model, tokenizer = trainers.load_policy(inputs["base"], cfg.hardware)
-    dataset, kinds = data.sft_dataset(inputs["dataset"], scfg.get("max_samples"))
-    print(f"merged_sft_alignment: merged SFT of the base model {inputs['base']} on {len(dataset)} samples {kinds}",
-          flush=True)
+    dataset, kinds = data.sft_dataset(inputs["dataset"], scfg.max_samples)
+    log.info(f"merged_sft_alignment: merged SFT of the base model {inputs['base']} on {len(dataset)} samples {kinds}")
     t0 = time.time()
     model, trainer = trainers.sft(scfg, model, tokenizer, dataset, sft_dir, name="merged_sft", callbacks=callbacks)
     history = list(trainer.state.log_history)
@@ -222,7 +224,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     rms = {name: reward_models.load(inputs[role], cfg.hardware) for name, role in RM_INPUTS.items() if role in inputs}
     general_train, general_eval = general_prompts(acfg)
     eval_rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="rl_eval") \
-        if int(cfg.eval_samples or 0) > 0 else []
+        if int(cfg.eval_samples) > 0 else []
     before_file = work_dir / "sft" / "model" / "before_alignment.json"
     if before_file.is_file():
         before = json.loads(before_file.read_text())
@@ -234,14 +236,13 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step)
     dataset, counts = rl_dataset(acfg, general_train, from_step)
     metrics.update({f"rl_{k}": v for k, v in counts.items()})
-    acfg = OmegaConf.merge(acfg, {"shuffle": False})  # the prompts' order is the schedule (see rl_dataset)
     ckpt = work_dir / "alignment" / trainers.CHECKPOINT_DIR
     args = trainers.grpo_args(acfg, ckpt, list(reward_weights))
-    print(f"merged_sft_alignment: alignment RL, {counts}, rewards {dict(acfg.rewards)}, preference rewards from step "
+    log.info(f"merged_sft_alignment: alignment RL, {counts}, rewards {dict(acfg.rewards)}, preference rewards from step "
           f"{from_step}/{max_steps}, G={args.num_generations} x {acfg.prompts_per_step} prompts/step, "
-          f"T={args.temperature}, beta={args.beta}, loss={args.loss_type}", flush=True)
+          f"T={args.temperature}, beta={args.beta}, loss={args.loss_type}")
     extra = []
-    if eval_rows and int(acfg.get("eval_steps") or 0) > 0:
+    if eval_rows and int(acfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
                                                   every=int(acfg.eval_steps),
                                                   max_new_tokens=int(cfg.eval_max_new_tokens)))

@@ -18,11 +18,14 @@ saved model is a plain transformers checkpoint.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from stages.shared import hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 def build_dataset(cfg):
     """RL prompts: rows of cfg.train_file rendered with cfg.template, with the gold answer (and language) as columns
@@ -32,15 +35,15 @@ def build_dataset(cfg):
     from stages.shared import data, templates
 
     rows = data.load_rows(cfg.train_file, ["prompt", "answer"], "reasoning_grpo.train_file")
-    lo, hi = cfg.get("min_difficulty"), cfg.get("max_difficulty")
+    lo, hi = cfg.min_difficulty, cfg.max_difficulty
     if lo is not None or hi is not None:
         rows = [r for r in rows if r.get("difficulty") is None
                 or ((lo is None or int(r["difficulty"]) >= int(lo)) and (hi is None or int(r["difficulty"]) <= int(hi)))]
-    if cfg.get("max_prompts"):
+    if cfg.max_prompts is not None:
         rows = rows[: int(cfg.max_prompts)]
     if not rows:
         raise UserError(f"reasoning_grpo.train_file={cfg.train_file!r}: no prompts left after the difficulty filter")
-    language = cfg.get("language") or "en"
+    language = cfg.language
     return Dataset.from_list([{"prompt": templates.format_prompt(r["prompt"], cfg.template),
                                "answer": str(r["answer"]), "language": r.get("language") or language}
                               for r in rows])
@@ -61,20 +64,20 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     dataset = build_dataset(cfg)
     weights = {str(k): float(v) for k, v in dict(cfg.rewards).items()}
     funcs, reward_weights = rewards.build_reward_functions(weights, template=cfg.template,
-                                                           language=cfg.get("language"))
+                                                           language=cfg.language)
     ckpt = Path(work_dir) / trainers.CHECKPOINT_DIR
     args = trainers.grpo_args(cfg, ckpt, list(reward_weights), revision)
-    print(f"reasoning_grpo: {len(dataset)} prompts, template {cfg.template}, rewards {weights}, "
+    log.info(f"reasoning_grpo: {len(dataset)} prompts, template {cfg.template}, rewards {weights}, "
           f"G={args.num_generations} x {cfg.prompts_per_step} prompts/step, beta={args.beta}, "
           f"epsilon={args.epsilon}, loss={args.loss_type}, scale_rewards={args.scale_rewards}, "
           f"lr={args.learning_rate}, T={args.temperature}, max_completion={args.max_completion_length}, "
-          f"vllm={args.use_vllm}", flush=True)
+          f"vllm={args.use_vllm}")
 
-    rows = heldout.eval_rows(cfg.eval_file, int(cfg.get("eval_samples") or 0), name="reasoning_grpo.eval_file") \
-        if cfg.get("eval_samples") else []
-    eval_new = int(cfg.get("eval_max_new_tokens") or cfg.max_completion_length)
+    rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="reasoning_grpo.eval_file") \
+        if cfg.eval_samples > 0 else []
+    eval_new = int(cfg.eval_max_new_tokens or cfg.max_completion_length)  # null: as long as the rollouts
     extra = []
-    if rows and int(cfg.get("eval_steps") or 0) > 0:
+    if rows and int(cfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, rows, template=cfg.template,
                                                   every=int(cfg.eval_steps), max_new_tokens=eval_new))
     trainer = trainers.build_trainer(GRPOTrainer, name="reasoning_grpo", callbacks=[*extra, *(callbacks or [])],
@@ -100,7 +103,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         result = heldout.evaluate(trainer.model, tokenizer, rows, template=cfg.template, max_new_tokens=eval_new)
         metrics.update(heldout.eval_metrics("eval", result))
     if "eval_accuracy" in metrics:
-        print(f"reasoning_grpo: held-out accuracy {metrics.get('first_heldout_accuracy', float('nan')):.3f} -> "
+        log.info(f"reasoning_grpo: held-out accuracy {metrics.get('first_heldout_accuracy', float('nan')):.3f} -> "
               f"{metrics['eval_accuracy']:.3f}, format {metrics.get('first_heldout_format_rate', float('nan')):.3f} "
-              f"-> {metrics['eval_format_rate']:.3f}", flush=True)
+              f"-> {metrics['eval_format_rate']:.3f}")
     return logs.clean_metrics(metrics)

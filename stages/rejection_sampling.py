@@ -114,25 +114,25 @@ def sample_reason(sample: Mapping, filters: Mapping, *, verdict: bool | None, la
     """Why one sample is dropped (a name from REASONS), or None to keep it. `verdict` is its correctness (True, False,
     None = not rule-checkable and not judged)."""
     text = sample["text"]
-    if filters.get("truncation", True) and is_truncated(sample):
+    if filters["truncation"] and is_truncated(sample):
         return "truncated"
-    if filters.get("format", True) and not well_formed(text, template, think_prefilled):
+    if filters["format"] and not well_formed(text, template, think_prefilled):
         return "format"
-    if filters.get("correctness", True):
+    if filters["correctness"]:
         if verdict is False:
             return "incorrect"
         if verdict is None:
             return "unverifiable"
     reasoning, _ = split_reasoning(text)
-    lang_min = filters.get("language_consistency_min")
+    lang_min = filters["language_consistency_min"]
     if lang_min is not None and language and _language_share(reasoning, language) < float(lang_min):
         return "language"
-    max_par = filters.get("max_paragraph_chars")
+    max_par = filters["max_paragraph_chars"]
     if max_par is not None and has_long_paragraph(reasoning, int(max_par)):
         return "long_paragraph"
-    if filters.get("code_blocks", True) and kind != "code" and has_code_block(text):
+    if filters["code_blocks"] and kind != "code" and has_code_block(text):
         return "code_block"
-    max_rep = filters.get("max_repeated_ngram_share")
+    max_rep = filters["max_repeated_ngram_share"]
     if max_rep is not None and repeated_ngram_share(reasoning) > float(max_rep):
         return "repetition"
     return None
@@ -146,11 +146,11 @@ def filter_prompt(row: Mapping, samples: list[Mapping], filters: Mapping, *, ver
     reasons: list[str | None] = []
     seen: set[str] = set()
     accepted: list[int] = []
-    cap = filters.get("max_accepted_per_prompt")
+    cap = filters["max_accepted_per_prompt"]
     for i, (s, v) in enumerate(zip(samples, verdicts)):
         reason = sample_reason(s, filters, verdict=v, language=language, kind=row.get("kind"), template=template,
                                think_prefilled=think_prefilled)
-        if reason is None and filters.get("dedup", True):
+        if reason is None and filters["dedup"]:
             key = dedup_key(canonical_response(s["text"]))
             reason = "duplicate" if key in seen else None
             seen.add(key)
@@ -291,33 +291,30 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:
         # Under a multi-process launcher only rank 0 generates (vLLM spreads over the GPUs by tensor parallelism).
         return {}
-    cfg = data.plain(cfg)
     output_dir, work_dir = Path(output_dir), Path(work_dir)
-    filters = dict(cfg.get("filters") or {})
-    merge_cfg = dict(cfg.get("merge") or {})
-    hardware = dict(cfg.get("hardware") or {})
-    seed = int(cfg.get("seed", 0))
-    template = check_template(cfg.get("template", "r1"))
-    default_language = cfg.get("language")
+    filters, merge_cfg = cfg.filters, cfg.merge
+    seed = int(cfg.seed)
+    template = check_template(cfg.template)
+    default_language = cfg.language
     n = int(cfg["samples_per_prompt"])
     if n < 1 or int(cfg["shard_size"]) < 1:
         raise UserError("rejection_sampling: samples_per_prompt and shard_size must be at least 1")
 
     rows = load_rows(cfg["prompts_file"], required=("id", "prompt", "answer"), name="rejection_sampling.prompts_file")
-    if cfg.get("max_prompts") is not None:
+    if cfg.max_prompts is not None:
         rows = rows[:int(cfg["max_prompts"])]
     if not rows:
         raise UserError(f"rejection_sampling.prompts_file {cfg['prompts_file']}: no prompts")
     general = load_rows(cfg["general_sft_file"], required=("messages",), name="rejection_sampling.general_sft_file")
 
     source, revision = model_source(inputs["model"])
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = bool(cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust)
     prompts = [render_prompt(str(r["prompt"]), template, tokenizer) for r in rows]
     think_prefilled = all(p.rstrip().endswith("<think>") for p in prompts)  # a chat template that opens the block
 
-    with open_generator(source, revision=revision, backend=cfg.get("backend", "auto"), hardware=hardware, seed=seed,
-                        max_model_len=cfg.get("max_model_len"), trust_remote_code=trust) as gen:
+    with open_generator(source, revision=revision, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
+                        max_model_len=cfg.max_model_len, trust_remote_code=trust) as gen:
         backend = gen.backend
         log.info("rejection sampling: %d prompts x %d samples with %s", len(rows), n, backend)
         results, gen_stats = generate_shards(gen, rows, prompts, work_dir, shard_size=int(cfg["shard_size"]), n=n,
@@ -332,15 +329,15 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     for res in results:
         verdicts.append(flat[k:k + len(res["samples"])])
         k += len(res["samples"])
-    judge = _judge_spec(filters.get("judge_model"))
+    judge = _judge_spec(filters["judge_model"])
     judge_calls = 0
-    if judge and filters.get("correctness", True):
+    if judge and filters["correctness"]:
         todo = [(i, j) for i, res in enumerate(results) for j, s in enumerate(res["samples"])
                 if verdicts[i][j] is None and not is_truncated(s) and str(rows[i].get("answer") or "").strip()]
         if todo:
             judge_tok = load_tokenizer(judge["source"], revision=judge.get("revision"))
             with open_generator(judge["source"], revision=judge.get("revision"), backend=judge.get("backend", "auto"),
-                                hardware=hardware, seed=seed) as jgen:
+                                hardware=cfg.hardware, seed=seed) as jgen:
                 items = [(str(rows[i]["answer"]), split_reasoning(results[i]["samples"][j]["text"])[1] or
                           results[i]["samples"][j]["text"]) for i, j in todo]
                 for (i, j), v in zip(todo, judge_verdicts(jgen, items, tokenizer=judge_tok,
@@ -366,14 +363,14 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                       "pass_rate": correct / max(len(vs), 1)})
 
     general_rows = [general_row(g, default_language) for g in general]
-    ratio = merge_cfg.get("reasoning_to_general_ratio")
+    ratio = merge_cfg["reasoning_to_general_ratio"]
     if not reasoning:
         # A weak checkpoint (smoke runs) may pass nothing: keep the general rows so that stage 4 still has data;
         # the metrics (accepted 0, dropped_*) and filter_counts.json say what happened.
         log.warning("rejection sampling: no sample passed the filters (%s); the dataset holds general rows only",
                     dict(counts))
         ratio = None
-    merged, general_used = merge(reasoning, general_rows, ratio=ratio, max_general=merge_cfg.get("max_general"),
+    merged, general_used = merge(reasoning, general_rows, ratio=ratio, max_general=merge_cfg["max_general"],
                                  seed=seed)
     if not merged:
         raise UserError("rejection_sampling: no sample passed the filters and the general SFT set is empty; check "

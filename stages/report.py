@@ -22,6 +22,7 @@ terminal (`r1flow report [NAME[@VERSION]]`).
 
 from __future__ import annotations
 
+import logging
 import datetime
 import json
 import math
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 REPORT_MD = "report.md"
@@ -305,9 +308,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     found = collect(inputs)
     evaluations, rl, rejection = found["evaluations"], found["rl"], found["rejection"]
     where = final_artifact_dir(output_dir)
-    title = str(cfg.get("title") or "r1flow run report")
+    title = str(cfg.title)
     md: list[str] = [f"# {title}", ""]
-    recipe = cfg.get("recipe")
+    recipe = cfg.recipe
     md += [(f"Recipe `{recipe}`. " if recipe else "") + f"Artifact: `{where}` (the plots below are PNG files there).",
            "", f"Inputs: {', '.join(f'{role}=`{_ref(m)}`' for role, (_, m) in found['manifests'].items())}", ""]
     plots_written: list[str] = []
@@ -410,8 +413,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     metrics["plots"] = len(plots_written)
     (output_dir / REPORT_MD).write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     (output_dir / REPORT_JSON).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
-    print(f"report: {len(evaluations)} evaluation(s), {len(rl)} RL run(s), {len(rejection)} rejection-sampling "
-          f"set(s), {len(plots_written)} plot(s) -> {where / REPORT_MD}", flush=True)
+    log.info(f"report: {len(evaluations)} evaluation(s), {len(rl)} RL run(s), {len(rejection)} rejection-sampling "
+          f"set(s), {len(plots_written)} plot(s) -> {where / REPORT_MD}")
     return metrics
 
 

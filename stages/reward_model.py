@@ -16,6 +16,7 @@ Scoring, loading and what the model sees (shared with the alignment stage): stag
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 from stages.shared import hardware, logs, reward_models, trainers
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 
@@ -48,7 +51,7 @@ def _record(cfg, output_dir: Path) -> dict:
     """A named reward model (hub id or local directory), recorded and pinned exactly as the base stage records one."""
     from stages.shared import models
 
-    return models.record_source(str(cfg.source), cfg.get("revision"), output_dir, key="reward_model.*.source")
+    return models.record_source(str(cfg.source), cfg.revision, output_dir, key="reward_model.*.source")
 
 
 def pairs(cfg) -> dict[str, list[dict]]:
@@ -108,15 +111,10 @@ def _train(cfg, base_dir: Path, output_dir: Path, work_dir: Path, callbacks) -> 
     dataset = Dataset.from_list([{"chosen": reward_models.rm_text(tokenizer, r["question"], r["chosen"]),
                                   "rejected": reward_models.rm_text(tokenizer, r["question"], r["rejected"])}
                                  for r in split["train"]])
-    print(f"reward_model: {len(dataset)} training pairs, {len(split['eval'])} held-out, scope {cfg.scope}, "
-          f"from {source}; held-out pairwise accuracy before training {before.get('pairwise_accuracy', 0):.3f}",
-          flush=True)
+    log.info(f"reward_model: {len(dataset)} training pairs, {len(split['eval'])} held-out, scope {cfg.scope}, "
+          f"from {source}; held-out pairwise accuracy before training {before.get('pairwise_accuracy', 0):.3f}")
     ckpt = work_dir / trainers.CHECKPOINT_DIR
-    fields = {k: cfg[k] for k in ("num_train_epochs", "max_steps", "per_device_train_batch_size",
-                                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio",
-                                  "weight_decay", "center_rewards_coefficient")
-              if cfg.get(k) is not None}
-    args = trainers.trainer_args(RewardConfig, cfg, ckpt, max_length=max_length, dataset_num_proc=None, **fields)
+    args = trainers.trainer_args(RewardConfig, cfg, ckpt, dataset_num_proc=None)
     trainer = trainers.build_trainer(RewardTrainer, name="reward_model", callbacks=callbacks, model=model, args=args,
                                      train_dataset=dataset, processing_class=tokenizer)
     t0 = time.time()
@@ -126,8 +124,8 @@ def _train(cfg, base_dir: Path, output_dir: Path, work_dir: Path, callbacks) -> 
     after = pairwise_accuracy(trainer.model, tokenizer, split["eval"], max_length)
     metrics.update({f"before_{k}": v for k, v in before.items() if k.startswith("pairwise_accuracy")})
     metrics.update({f"eval_{k}": v for k, v in after.items()})
-    print(f"reward_model: held-out pairwise accuracy {before.get('pairwise_accuracy', 0):.3f} -> "
+    log.info(f"reward_model: held-out pairwise accuracy {before.get('pairwise_accuracy', 0):.3f} -> "
           f"{after.get('pairwise_accuracy', 0):.3f} on {after.get('pairs', 0)} pairs "
           + " ".join(f"{k.removeprefix('pairwise_accuracy_')}={v:.2f}" for k, v in after.items()
-                     if k.startswith("pairwise_accuracy_")), flush=True)
+                     if k.startswith("pairwise_accuracy_")))
     return metrics

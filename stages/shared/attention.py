@@ -22,10 +22,15 @@
 
 from __future__ import annotations
 
+import logging
 import inspect
 from typing import Mapping
 
 import torch
+
+from stages.shared.hardware import on_cpu
+
+log = logging.getLogger(__name__)
 
 VARLEN = "sdpa_varlen"
 _registered = False
@@ -159,8 +164,7 @@ def set_attention(model, name: str | None) -> str:
         try:
             model.set_attn_implementation(name)
         except (ValueError, ImportError) as e:  # e.g. flash_attention_2 without the package: keep what loaded
-            print(f"attn_implementation={name} not available ({e}); using {model.config._attn_implementation}",
-                  flush=True)
+            log.info(f"attn_implementation={name} not available ({e}); using {model.config._attn_implementation}")
     return model.config._attn_implementation
 
 
@@ -175,10 +179,10 @@ def padding_free_collator(tokenizer, pad_to_multiple_of: int | None = None):
 
 def use_padding_free(hardware: Mapping, model=None) -> bool:
     """Padding-free batches need an attention that keeps the sequences of a row apart: sdpa_varlen or flash."""
-    if not hardware.get("padding_free") or not torch.cuda.is_available() or str(hardware.get("device")) == "cpu":
+    if not hardware["padding_free"] or on_cpu(hardware):
         return False
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None) if model is not None else \
-        hardware.get("attn_implementation")
+        hardware["attn_implementation"]
     return attn in (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -200,8 +204,8 @@ def compile_for_training(model, hardware: Mapping) -> bool:
     """hardware.compile: true / "layers" compiles each decoder layer (regional: one graph for all of them, compiled
     once), "backbone" the whole decoder stack as one graph. The LM head stays TRL's fused, chunked head. Returns
     whether anything was compiled (on CPU never)."""
-    mode = hardware.get("compile")
-    if not mode or str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
+    mode = hardware["compile"]
+    if not mode or on_cpu(hardware):
         return False
     if mode is True or mode == "layers":
         for layer in _decoder_layers(model):
@@ -232,9 +236,9 @@ def configure_attention(hardware: Mapping) -> bool:
     alike, and autograd's anomaly mode named ScaledDotProductCudnnAttentionBackward0; benchmarks/cudnn_sdpa_nan.py
     reduces it to one padded forward/backward, NaN at lengths 64 and 192 with cuDNN, none without
     (benchmarks/README.md)."""
-    if str(hardware.get("device", "cpu")) == "cpu" or not torch.cuda.is_available():
+    if on_cpu(hardware):
         return False
-    allowed = bool(hardware.get("cudnn_attention", False))
+    allowed = bool(hardware["cudnn_attention"])
     torch.backends.cuda.enable_cudnn_sdp(allowed)
     return allowed
 

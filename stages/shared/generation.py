@@ -100,8 +100,8 @@ class VLLMGenerator(Generator):
     def __init__(self, model: str, *, revision: str | None, hardware: dict, seed: int, max_model_len: int | None,
                  trust_remote_code: bool = False, dtype: str = "auto", batch_size: int | None = None):
         super().__init__("vllm", batch_size)
-        vcfg = dict(hardware.get("vllm") or {})
-        kwargs: dict = dict(seed=seed, enforce_eager=bool(vcfg.get("enforce_eager", False)), dtype=dtype,
+        vcfg = hardware["vllm"]
+        kwargs: dict = dict(seed=seed, enforce_eager=bool(vcfg["enforce_eager"]), dtype=dtype,
                             trust_remote_code=trust_remote_code, revision=revision)
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
@@ -119,21 +119,20 @@ class VLLMGenerator(Generator):
                         "MASTER_PORT"):
                 os.environ.pop(var, None)
 
-            tp = vcfg.get("tensor_parallel_size", 1)
+            tp = vcfg["tensor_parallel_size"]
             kwargs["tensor_parallel_size"] = torch.cuda.device_count() if tp in ("auto", None) else int(tp)
-            kwargs["gpu_memory_utilization"] = float(vcfg.get("gpu_memory_utilization", 0.9))
-            if int(vcfg.get("data_parallel_size", 1) or 1) > 1:
+            kwargs["gpu_memory_utilization"] = float(vcfg["gpu_memory_utilization"])
+            if int(vcfg["data_parallel_size"]) > 1:
                 # LLM(data_parallel_size>1) is refused in one process; data parallelism needs one engine per rank.
                 log.warning("hardware.vllm.data_parallel_size > 1 is not supported by the offline engine in one "
                             "process; using tensor parallelism (%d) only", kwargs["tensor_parallel_size"])
         else:
             # Env vars must be in place before vLLM reads them (at engine start); the runner sets the first two too.
-            if vcfg.get("cpu_kvcache_space_gib"):
+            if vcfg["cpu_kvcache_space_gib"]:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(vcfg["cpu_kvcache_space_gib"]))
-            if vcfg.get("cpu_omp_threads_bind"):
+            if vcfg["cpu_omp_threads_bind"]:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(vcfg["cpu_omp_threads_bind"]))
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # 21 s -> 2.6 s start-up (module doc)
-            kwargs["enforce_eager"] = bool(vcfg.get("enforce_eager", True))
             # A chunked prefill discards its sampled token and rewinds the request's seeded generator, which CPU
             # generators cannot do ("CPU Generator does not use offset", vLLM 0.32): once a step's prompts exceed
             # the token budget, seeded sampling crashes. Whole prefills only on CPU.
@@ -254,11 +253,10 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
 
 
 @contextlib.contextmanager
-def open_generator(model: str | Path, *, backend: str = "auto", hardware: dict | None = None, seed: int = 0,
+def open_generator(model: str | Path, *, hardware, backend: str = "auto", seed: int = 0,
                    max_model_len: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
                    batch_size: int | None = None) -> Iterator[Generator]:
     """Start one engine for `model` (a local directory or hub id); yields a Generator with `.backend` set."""
-    hardware = dict(hardware or {})
     chosen = resolve_backend(backend)
     if chosen == "vllm":
         gen: Generator = VLLMGenerator(str(model), revision=revision, hardware=hardware, seed=seed,

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def setup(cfg: Mapping) -> None:
     """Threads, seeds and quiet progress bars, for runs inside the runner's subprocess and in-process calls alike."""
     hardware = cfg["hardware"]
-    threads = pick_threads(int(hardware.get("torch_threads") or 1), on_cpu(hardware))
+    threads = pick_threads(int(hardware["torch_threads"]), on_cpu(hardware))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     from stages.shared import attention
@@ -89,7 +89,7 @@ def model_dtype(hardware: Mapping) -> str:
     """
     if on_cpu(hardware):
         return "float32"
-    dtype = str(hardware.get("weights_dtype") or "float32")
+    dtype = str(hardware["weights_dtype"])
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"hardware.weights_dtype={dtype!r}: use float32 (mixed precision) or bfloat16 (pure bf16)")
     return dtype
@@ -113,12 +113,12 @@ def fsdp_args(hardware: Mapping) -> dict:
     and `hardware.fsdp_version`: an explicit fsdp_config, so the version is the one the launcher was given
     (transformers 5 otherwise picks FSDP2 whatever accelerate launch said). Each decoder layer is its own FSDP unit;
     the final model is gathered whole on the main process (save_model); trainer checkpoints hold the full state."""
-    opts = str(hardware.get("fsdp") or "").replace(",", " ").split()
-    version = int(hardware.get("fsdp_version") or 2)
+    opts = str(hardware["fsdp"]).replace(",", " ").split()
+    version = int(hardware["fsdp_version"])
     strategies = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
     strategy = next((o for o in opts if o in strategies), "full_shard")
     if version == 2 and strategy not in ("full_shard", "shard_grad_op"):
-        raise UserError(f"hardware.fsdp={hardware.get('fsdp')!r}: FSDP2 shards as full_shard or shard_grad_op; "
+        raise UserError(f"hardware.fsdp={hardware['fsdp']!r}: FSDP2 shards as full_shard or shard_grad_op; "
                         f"{strategy} needs hardware.fsdp_version=1")
     config = {"version": version, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
               "reshard_after_forward": (strategy == "full_shard") if version == 2 else strategy}
@@ -131,21 +131,21 @@ def hardware_args(hardware: Mapping) -> dict:
     """TrainingArguments fields that follow from the `hardware` node."""
     cpu = on_cpu(hardware)
     args = dict(
-        bf16=bool(hardware.get("bf16")) and not cpu,
+        bf16=bool(hardware["bf16"]) and not cpu,
         fp16=False,
         use_cpu=cpu,
-        optim=str(hardware.get("optim") or "adamw_torch"),
-        gradient_checkpointing=bool(hardware.get("gradient_checkpointing", False)),
+        optim=str(hardware["optim"]),
+        gradient_checkpointing=bool(hardware["gradient_checkpointing"]),
         dataloader_pin_memory=not cpu,
-        dataloader_num_workers=0 if cpu else int(hardware.get("dataloader_workers") or 0),
+        dataloader_num_workers=0 if cpu else int(hardware["dataloader_workers"]),
     )
-    if hardware.get("liger_kernels") and not cpu:  # sft() turns it off where it compiles the layers instead
+    if hardware["liger_kernels"] and not cpu:  # sft() turns it off where it compiles the layers instead
         from stages.shared import attention
 
         if attention.liger_available():
             args["use_liger_kernel"] = True
         else:
             log.warning("hardware.liger_kernels=true but liger-kernel is not installed: training without it")
-    if hardware.get("fsdp") and world_size() > 1:  # FSDP only where the launcher started several processes
+    if hardware["fsdp"] and world_size() > 1:  # FSDP only where the launcher started several processes
         args.update(fsdp_args(hardware))
     return args

@@ -95,7 +95,7 @@ def build_tokenizer(corpus_files: Iterable[str | os.PathLike], vocab_size: int):
     tok.train_from_iterator(_corpus_texts(corpus_files), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TAGS])
     if tok.get_vocab_size() != vocab_size:  # the corpus ran out of pairs seen twice: still valid, say so
-        print(f"build_tokenizer: corpus gave {tok.get_vocab_size()} tokens (< vocab_size={vocab_size})")
+        log.info(f"build_tokenizer: corpus gave {tok.get_vocab_size()} tokens (< vocab_size={vocab_size})")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=PAD, additional_special_tokens=[USER, ASSISTANT, SYSTEM],
         chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, padding_side="right",

@@ -42,27 +42,36 @@ CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+# Stage keys that share a name with a TrainingArguments field but mean something of ours: never passed through.
+NOT_TRL = frozenset({"hardware", "eval_steps"})
+
+
+def trl_fields(config_cls, cfg: Mapping) -> dict:
+    """The keys of a stage's config node that are fields of `config_cls` (SFTConfig, GRPOConfig, RewardConfig): they
+    pass through to TRL under their own names, so a TRL knob is added to conf/ (and stages/shared/schema.py) only."""
+    known = {f.name for f in dataclass_fields(config_cls)}
+    return {k: v for k, v in cfg.items() if k in known and k not in NOT_TRL}
+
+
 def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields) -> Any:
     """Build a TRL config (SFTConfig, GRPOConfig, ...) for one stage.
 
-    Defaults: the hardware settings, seed, checkpoints every `save_steps` into `checkpoint_dir` (two kept; optimizer,
-    scheduler and RNG included), a log every `logging_steps`, no tqdm and no external loggers (ProgressCallback prints
-    lines that stream into Prefect). `fields` (the stage's own knobs) override them. Unknown fields are an error.
+    From cfg: every key that is a field of config_cls (trl_fields) and the hardware settings; ours: checkpoints into
+    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), no tqdm and no external loggers
+    (ProgressCallback logs lines that stream into Prefect). `fields` (what a stage derives) override them. Unknown
+    fields are an error.
     """
-    hardware = cfg.get("hardware") or {}
     base = dict(
         output_dir=str(checkpoint_dir),
-        seed=int(cfg.get("seed", 0)),
-        data_seed=int(cfg.get("seed", 0)),
+        data_seed=int(cfg["seed"]),
         report_to="none",
         disable_tqdm=True,
         log_level="warning",
         logging_strategy="steps",
-        logging_steps=int(cfg.get("logging_steps", 10)),
         save_strategy="steps",
-        save_steps=int(cfg.get("save_steps", 100)),
         save_total_limit=2,
-        **hardware_args(hardware),
+        **hardware_args(cfg["hardware"]),
+        **trl_fields(config_cls, cfg),
     )
     base.update(fields)
     known = {f.name for f in dataclass_fields(config_cls)}
@@ -88,7 +97,7 @@ def load_policy(model_dir: str | Path, hardware: Mapping):
     tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=False)
     from stages.shared import attention
 
-    attention.set_attention(model, hardware.get("attn_implementation"))  # sdpa_varlen: registered here, sdpa on CPU
+    attention.set_attention(model, hardware["attn_implementation"])  # sdpa_varlen: registered here, sdpa on CPU
     return model, tokenizer
 
 
@@ -199,20 +208,15 @@ class ProgressCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------------------
 # SFT
 
-def lora_config(lora: Mapping | None):
-    if not lora or not lora.get("enabled"):
+def lora_config(lora: Mapping):
+    """peft's LoraConfig from a stage's `lora` node, or None where it is not enabled."""
+    if not lora["enabled"]:
         return None
     from peft import LoraConfig
 
-    target = lora.get("target_modules", "all-linear")
-    return LoraConfig(r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)),
-                      lora_dropout=float(lora.get("dropout", 0.0)),
-                      target_modules=list(target) if not isinstance(target, str) else target, task_type="CAUSAL_LM")
-
-
-SFT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_length", "packing",
-            "assistant_only_loss", "adam_epsilon", "max_grad_norm")
+    target = lora["target_modules"]
+    return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=target if isinstance(target, str) else list(target), task_type="CAUSAL_LM")
 
 
 def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: str = "sft",
@@ -221,18 +225,19 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
 
     `dataset` is a datasets.Dataset in one of TRL's formats: `messages` (conversational; cfg.assistant_only_loss puts
     the loss on the assistant turns, which the chat template marks with {% generation %}), `prompt`/`completion`
-    (loss on the completion), or `text` (language modelling). The knobs in SFT_KEYS come from cfg, `fields` override
-    them. cfg.packing turns on best-fit packing, which is padding-free (position ids restart per sequence; sdpa and
+    (loss on the completion), or `text` (language modelling). The SFTConfig fields among cfg's keys pass through;
+    `fields` override them. cfg.packing turns on best-fit packing, which is padding-free (position ids restart per sequence; sdpa and
     flash attention keep the sequences apart). cfg.lora.enabled trains a LoRA adapter through peft and merges it into
     the returned model, so what is saved is a plain checkpoint. Checkpoints go to work_dir/checkpoints; a rerun
     resumes from the last one.
     """
     from trl import SFTConfig, SFTTrainer
 
-    knobs = {k: cfg[k] for k in SFT_KEYS if k in cfg and cfg[k] is not None}
-    if knobs.get("packing"):
-        knobs.setdefault("packing_strategy", "bfd")
-    if not knobs.get("packing"):  # padded batches: similar lengths together, less padding
+    packing = cfg["packing"]
+    knobs: dict = {}
+    if packing is True:
+        knobs["packing_strategy"] = "bfd"
+    elif not packing:  # padded batches: similar lengths together, less padding
         knobs["train_sampling_strategy"] = "group_by_length"
     knobs.update(fields)
     if "text" in dataset.column_names and "messages" not in dataset.column_names:
@@ -241,16 +246,16 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     # GPU (conf/hardware/gpu.yaml, stages/shared/attention.py): padding-free batches through varlen attention, compiled layers
     from stages.shared import attention
 
-    hardware = cfg.get("hardware") or {}
-    attention.set_attention(model, hardware.get("attn_implementation"))  # models built in-stage (base) too
-    collator = attention.padding_free_collator(tokenizer) if not knobs.get("packing") and \
+    hardware = cfg["hardware"]
+    attention.set_attention(model, hardware["attn_implementation"])  # models built in-stage (base) too
+    collator = attention.padding_free_collator(tokenizer) if not packing and \
         attention.use_padding_free(hardware, model) else None
     if attention.compile_for_training(model, hardware):
         knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
     trainer = build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
                             processing_class=tokenizer, data_collator=collator,
-                            peft_config=lora_config(cfg.get("lora")))
+                            peft_config=lora_config(cfg["lora"]) if "lora" in cfg else None)
     try:
         train(trainer, ckpt)
     finally:
@@ -279,73 +284,41 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 
 def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, revision: str | None = None):
-    """The GRPOConfig for this stage, every RL knob taken from cfg (nothing left to TRL's defaults)."""
+    """The GRPOConfig for this stage: the GRPOConfig fields among cfg's keys pass through (conf/ pins every one that
+    changes the objective), plus what r1flow derives: the batch from prompts_per_step x G, the rollout reuse, the
+    reward weights, and vLLM's share of the GPU from the hardware node."""
     from trl import GRPOConfig
 
     if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"reasoning_grpo.loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
-    scale = {True: "group", False: "none"}.get(cfg.scale_rewards, cfg.scale_rewards)
-    if scale not in SCALE_REWARDS:
-        raise UserError(f"reasoning_grpo.scale_rewards={cfg.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+        raise UserError(f"loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    if cfg.scale_rewards not in SCALE_REWARDS:
+        raise UserError(f"scale_rewards={cfg.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
     if cfg.sync_ref_model and float(cfg.beta) == 0.0:
-        raise UserError("reasoning_grpo.sync_ref_model=true needs a reference model: set reasoning_grpo.beta > 0 "
-                        "(the paper: 0.001)")
+        raise UserError("sync_ref_model=true needs a reference model: set beta > 0 (the paper: 0.001)")
     G = int(cfg.num_generations)
     if G < 2:
-        raise UserError(f"reasoning_grpo.num_generations={G}: GRPO needs at least 2 samples per prompt")
+        raise UserError(f"num_generations={G}: GRPO needs at least 2 samples per prompt")
     per_step, accumulation = int(cfg.prompts_per_step) * G, int(cfg.gradient_accumulation_steps)
     if per_step % accumulation:
-        raise UserError(f"reasoning_grpo: prompts_per_step x num_generations = {per_step} samples per step must divide "
-                        f"by gradient_accumulation_steps={accumulation}")
-    hardware = cfg.hardware
+        raise UserError(f"prompts_per_step x num_generations = {per_step} samples per step must divide by "
+                        f"gradient_accumulation_steps={accumulation}")
+    vllm = cfg.hardware.vllm
     fields = dict(
         # the batch: prompts_per_step prompts x G samples per optimizer step (on one process)
-        num_generations=G,
         per_device_train_batch_size=per_step // accumulation,
-        gradient_accumulation_steps=accumulation,
         # one rollout feeds steps_per_rollout optimizer steps (the paper: 8,192 outputs split in 16 minibatches);
         # TRL counts steps_per_generation in forward/backward passes
-        steps_per_generation=int(cfg.get("steps_per_rollout") or 1) * accumulation,
-        num_iterations=int(cfg.num_iterations),
-        max_steps=int(cfg.max_steps),
-        learning_rate=float(cfg.learning_rate),
-        lr_scheduler_type=str(cfg.lr_scheduler_type),
-        warmup_ratio=float(cfg.warmup_ratio),
-        adam_epsilon=float(cfg.get("adam_epsilon", 1e-8)),
-        max_grad_norm=float(cfg.get("max_grad_norm", 1.0)),
-        weight_decay=float(cfg.get("weight_decay", 0.0)),
-        # the objective
-        beta=float(cfg.beta),
-        epsilon=float(cfg.epsilon),
-        epsilon_high=float(cfg.epsilon if cfg.get("epsilon_high") is None else cfg.epsilon_high),
-        loss_type=str(cfg.loss_type),
-        scale_rewards=scale,
+        steps_per_generation=int(cfg.steps_per_rollout) * accumulation,
         reward_weights=reward_weights,
-        mask_truncated_completions=bool(cfg.get("mask_truncated_completions", False)),
-        top_entropy_quantile=float(cfg.get("top_entropy_quantile", 1.0)),
-        sync_ref_model=bool(cfg.sync_ref_model),
-        ref_model_sync_steps=int(cfg.ref_model_sync_steps),
-        ref_model_mixup_alpha=float(cfg.ref_model_mixup_alpha),
+        epsilon_high=float(cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high),  # null: a symmetric clip
         disable_dropout=True,
-        # generation
-        temperature=float(cfg.temperature),
-        top_p=float(cfg.top_p),
-        max_completion_length=int(cfg.max_completion_length),
-        use_vllm=bool(cfg.use_vllm),
-        vllm_mode=str(cfg.vllm_mode),
-        shuffle_dataset=bool(cfg.get("shuffle", True)),
         log_completions=False,
+        vllm_gpu_memory_utilization=float(vllm.gpu_memory_utilization),
+        vllm_tensor_parallel_size=1 if vllm.tensor_parallel_size == "auto" else int(vllm.tensor_parallel_size),
+        vllm_enable_sleep_mode=bool(vllm.enable_sleep_mode),
     )
     if revision and float(cfg.beta) > 0:  # the reference model loads from the same pinned hub revision
         fields["model_init_kwargs"] = {"revision": revision}
-    if cfg.use_vllm:
-        vllm = hardware.get("vllm") or {}
-        tp = vllm.get("tensor_parallel_size", 1)
-        fields.update(vllm_gpu_memory_utilization=float(vllm.get("gpu_memory_utilization", 0.3)),
-                      vllm_tensor_parallel_size=1 if tp in (None, "auto") else int(tp),
-                      vllm_enable_sleep_mode=bool(vllm.get("enable_sleep_mode", False)))
-        if cfg.get("vllm_server_base_url"):
-            fields["vllm_server_base_url"] = str(cfg.vllm_server_base_url)
     return trainer_args(GRPOConfig, cfg, checkpoint_dir, **fields)
 
 

@@ -286,10 +286,10 @@ def test_lineage_of_three_levels(root):
 
     assert A.format_lineage(tree) == "\n".join([
         f"eval@{ev} (evaluation, stages.eval)",
-        f"├── dataset: data@{data} (dataset, stages.shared.data)",
+        f"├── dataset: data@{data} (dataset, stages.data)",
         "├── judge: rm@gone (MISSING)",
         f"└── model: sft@{sft} (checkpoint, stages.sft)",
-        f"    └── dataset: data@{data} (dataset, stages.shared.data)",
+        f"    └── dataset: data@{data} (dataset, stages.data)",
     ])
 
 

@@ -261,10 +261,9 @@ def test_gpu_trains_fp32_master_weights_under_bf16_autocast(monkeypatch):
         assert hardware.model_dtype(hw) == "float32" and hw["bf16"]
     hw = dict(compose_config(["hardware=gpu", "hardware.weights_dtype=bfloat16"]).hardware)
     assert hardware.model_dtype(hw) == "bfloat16"
-    assert hardware.model_dtype({"device": "cuda", "bf16": True}) == "float32"  # an older node without the key
     assert hardware.model_dtype(dict(compose_config(["hardware=cpu"]).hardware)) == "float32"
     with pytest.raises(UserError, match="weights_dtype"):
-        hardware.model_dtype({"device": "cuda", "weights_dtype": "float16"})
+        hardware.model_dtype({**hw, "weights_dtype": "float16"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert hardware.model_dtype(hw) == "float32"
 
@@ -292,9 +291,9 @@ def test_fsdp_arguments_only_for_several_processes(monkeypatch):
     from stages.shared.errors import UserError
 
     hw = dict(compose_config(["hardware=multi_gpu"]).hardware)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(hardware, "world_size", lambda: 1)
     assert "fsdp" not in hardware.hardware_args(hw)  # one process (multi_gpu on a 1-GPU node): plain training
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(hardware, "world_size", lambda: 2)
     args = hardware.hardware_args(hw)
     assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
     assert args["fsdp_config"]["reshard_after_forward"] is True
@@ -306,14 +305,13 @@ def test_fsdp_arguments_only_for_several_processes(monkeypatch):
     with pytest.raises(UserError, match="fsdp_version=1"):
         hardware.fsdp_args({**hw, "fsdp": "hybrid_shard"})
     # transformers accepts them and builds accelerate's FSDP plugin of that version from them
-    monkeypatch.delenv("WORLD_SIZE")
     config = SFTConfig(output_dir="unused", use_cpu=True, report_to="none", gradient_checkpointing=False,
                        **hardware.fsdp_args(hw))
     assert config.fsdp_plugin_args["fsdp_version"] == 2 and config.fsdp_plugin_args["reshard_after_forward"] is True
 
 
 def test_training_setup_turns_cudnn_attention_off_on_gpus(monkeypatch):
-    """cuDNN's SDPA backward returns NaN for padded batches of some lengths (stages/gpu.configure_attention):
+    """cuDNN's SDPA backward returns NaN for padded batches of some lengths (stages/shared/attention.configure_attention):
     hardware=gpu and multi_gpu train without it unless hardware.cudnn_attention=true; a CPU run leaves it alone."""
     from stages.shared import trainers
 
@@ -324,10 +322,11 @@ def test_training_setup_turns_cudnn_attention_off_on_gpus(monkeypatch):
             torch.backends.cuda.enable_cudnn_sdp(True)
             hardware.setup({"hardware": dict(compose_config([f"hardware={name}"]).hardware), "seed": 0})
             assert not torch.backends.cuda.cudnn_sdp_enabled(), name
-        hardware.setup({"hardware": dict(compose_config(["hardware=gpu", "hardware.cudnn_attention=true"]).hardware)})
+        hardware.setup({"hardware": dict(compose_config(["hardware=gpu", "hardware.cudnn_attention=true"]).hardware),
+                        "seed": 0})
         assert torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(True)
-        hardware.setup({"hardware": dict(compose_config(["hardware=cpu"]).hardware)})
+        hardware.setup({"hardware": dict(compose_config(["hardware=cpu"]).hardware), "seed": 0})
         assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)

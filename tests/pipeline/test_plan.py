@@ -116,3 +116,35 @@ def test_override_of_an_unknown_key_is_refused(tmp_path):
     cfg = compose_config([f"artifacts_root={tmp_path}", "+recipe.stages.eval_base.overrides.tempalte=x"])
     with pytest.raises(UserError, match="tempalte"):
         plan(cfg)
+
+
+# The typed schema (stages/shared/schema.py): every key has its one default in conf/, names and types are checked.
+
+@pytest.mark.parametrize("overrides", [[], ["model=qwen2.5-math-1.5b"], ["model=qwen2.5-math-7b", "hardware=multi_gpu"],
+                                       ["model=llama-3.1-8b", "data=openr1_math"], ["model=random_300m", "hardware=gpu"],
+                                       ["recipe=r1_zero"], ["recipe=distill"], ["size=smoke"]])
+def test_every_key_has_a_value_in_conf(overrides):
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.missing_keys(compose_config(overrides)) == set()
+
+
+def test_schema_names_the_key_of_a_wrong_type_or_a_misspelt_key():
+    with pytest.raises(UserError, match="reasoning_grpo.max_steps"):
+        compose_config(["reasoning_grpo.max_steps=many"])
+    with pytest.raises(UserError, match="lrr"):
+        compose_config(["reasoning_grpo.lrr=1e-5"])
+    with pytest.raises(UserError, match="weights_dtype"):
+        compose_config(["hardware.weights_dtype=[1]"])
+
+
+def test_trl_fields_pass_through_under_their_own_names(tmp_path):
+    """A GRPOConfig field that conf/ sets reaches TRL without a line of stage code (here one TRL knob that changes the
+    objective, pinned in conf/reasoning_grpo/default.yaml against TRL's default)."""
+    from stages.shared import trainers
+
+    cfg = compose_config(["reasoning_grpo.use_bias_correction_kl=true", "reasoning_grpo.top_p=0.9"]).reasoning_grpo
+    args = trainers.grpo_args(cfg, tmp_path)
+    assert args.use_bias_correction_kl is True and args.top_p == 0.9
+    default = trainers.grpo_args(compose_config([]).reasoning_grpo, tmp_path)
+    assert default.use_bias_correction_kl is False and default.vllm_importance_sampling_correction is False

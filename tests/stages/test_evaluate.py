@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from stages import evaluate
+from pipeline.plan import compose_config
 from stages.shared.errors import UserError
 from stages.evaluate import (Vote, canonical_answer, cons_at_k, load_benchmark, majority_vote, pass_at_1,
                              summarize)
@@ -20,8 +21,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MATH500 = {"path": str(FIXTURES / "math500_tiny.jsonl"), "columns": {"prompt": "problem", "answer": "answer",
                                                                      "id": "unique_id"}}
 AIME24 = {"path": str(FIXTURES / "aime24_tiny.parquet"), "columns": {"prompt": "problem", "answer": "answer"}}
-HARDWARE = {"device": "cpu", "torch_threads": 1,
-            "vllm": {"enforce_eager": True, "cpu_kvcache_space_gib": 1, "cpu_omp_threads_bind": "0-1"}}
+HARDWARE = OmegaConf.to_container(compose_config(["hardware.torch_threads=1",
+                                                  "hardware.vllm.cpu_kvcache_space_gib=1"]).hardware)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,10 +200,11 @@ def eval_file(tmp_path) -> Path:
 
 
 def stage_cfg(eval_file, **over):
-    cfg = {"seed": 0, "hardware": HARDWARE, "eval_file": str(eval_file), "benchmarks": {}, "template": "r1",
+    cfg = OmegaConf.to_container(compose_config([]).evaluate)  # every key, then this test's values
+    cfg.update({"seed": 0, "hardware": HARDWARE, "eval_file": str(eval_file), "benchmarks": {}, "template": "r1",
            "language": "en", "backend": "auto", "num_samples": 4, "temperature": 0.6, "top_p": 0.95,
            "max_tokens": 12, "max_model_len": None, "max_questions": None, "vote_equivalence": True,
-           "shard_questions": 2, "keep_texts": 1, "trust_remote_code": False}
+           "shard_questions": 2, "keep_texts": 1, "trust_remote_code": False})
     cfg.update(over)
     return OmegaConf.create(cfg)
 

@@ -1,6 +1,6 @@
 """stages/rejection_sampling.py: each filter on hand-made responses, the merge, the judge, shard resume, the stage end
 to end with a scripted generator, and the HF fallback on a tiny random model. The real vLLM run is in
-test_generation.py (one engine per session)."""
+tiny_models.py (one engine per session)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.plan import compose_config
 from stages import rejection_sampling as rs
 
 GOOD = "<think>\nWe need 7+8.\nUnits 7+8=15 write 5 carry 1\nSo 7+8=15\n</think>\nThe answer is \\boxed{15}"
@@ -213,9 +214,9 @@ def _write_jsonl(path: Path, rows):
 
 
 def _cfg(tmp_path, rows, general, **over):
-    base = OmegaConf.load(Path(__file__).parents[2] / "conf" / "rejection_sampling" / "default.yaml")
-    cfg = OmegaConf.to_container(base, resolve=False)
-    cfg.update(seed=0, hardware={"device": "cpu", "vllm": {}}, language="en", template="r1_zero",
+    cfg = OmegaConf.to_container(compose_config([]).rejection_sampling)
+    cfg.update(seed=0, hardware=OmegaConf.to_container(compose_config(["hardware.torch_threads=1"]).hardware),
+               language="en", template="r1_zero",
                trust_remote_code=False,
                prompts_file=_write_jsonl(tmp_path / "rl.jsonl", rows),
                general_sft_file=_write_jsonl(tmp_path / "gen.jsonl", general),
@@ -248,7 +249,7 @@ def _scripted_answer(prompt, j):
 
 @pytest.fixture
 def model_dir(tmp_path):
-    from test_generation import make_tiny_model  # tests/stages is on sys.path (no __init__.py)
+    from tiny_models import make_tiny_model  # tests/stages is on sys.path (no __init__.py)
 
     return make_tiny_model(tmp_path / "model")
 

@@ -213,7 +213,7 @@ def test_wall_time_falls_back_to_manifest_times_and_missing_pieces(tmp_path):
                           "mean_length": 9.0, "n_questions": 4, "k": 2, "backend": "hf", "aime24/pass@1": 0.25})
     out = tmp_path / "o"
     out.mkdir()
-    metrics = report.run(OmegaConf.create({"title": "t"}), {"eval_x": ev}, out, tmp_path / "w")
+    metrics = report.run(OmegaConf.create({"title": "t", "recipe": None}), {"eval_x": ev}, out, tmp_path / "w")
     md = (out / "report.md").read_text()
     _, rows = parse_table(md, "benchmark (metric)")  # no summary.json: rebuilt from the manifest's metrics
     assert rows["heldout (cons@2)"] == ["75.0"] and rows["aime24 (pass@1)"] == ["25.0"]
@@ -221,7 +221,7 @@ def test_wall_time_falls_back_to_manifest_times_and_missing_pieces(tmp_path):
     assert times["eval_x"][-1] == "30.0"  # ended_at - started_at; the missing ancestor is skipped
     assert f"`{out.resolve()}`" in md and metrics["plots"] == 2
     with pytest.raises(UserError, match="manifest"):
-        report.run(OmegaConf.create({}), {"eval_y": tmp_path / "nowhere"}, out, tmp_path / "w")
+        report.run(OmegaConf.create({"title": "t", "recipe": None}), {"eval_y": tmp_path / "nowhere"}, out, tmp_path / "w")
 
 
 def test_print_report_and_print_evaluation(store, tmp_path, capsys):

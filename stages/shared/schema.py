@@ -1,0 +1,354 @@
+"""The typed shape of every config node: one dataclass per node, registered in Hydra's ConfigStore as the schema the
+options of each config group (conf/<group>/*.yaml) are validated against.
+
+Values, and so every default, live in conf/ (the only home of defaults): each field here is MISSING, so a key that
+conf/ forgets fails at composition, a misspelt key fails (the nodes are closed), and a value of the wrong type fails
+with Hydra's message naming the key. Stage code then reads `cfg.key`, never `cfg.get(key, default)`.
+
+Free-form nodes stay `Any`/`Dict`: data specs (a path, or {hub, split, columns}), the recipe, reward weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class RunConfig:
+    retries: int = MISSING
+    retry_delay_s: int = MISSING
+    log_level: str = MISSING
+
+
+@dataclass
+class HardwareVllmConfig:
+    tensor_parallel_size: Any = MISSING
+    data_parallel_size: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    enforce_eager: bool = MISSING
+    cpu_kvcache_space_gib: int = MISSING
+    cpu_omp_threads_bind: Optional[str] = MISSING
+    enable_sleep_mode: bool = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = MISSING
+    bf16: bool = MISSING
+    num_processes: Any = MISSING
+    launcher: str = MISSING
+    torch_threads: int = MISSING
+    attn_implementation: str = MISSING
+    gradient_checkpointing: bool = MISSING
+    optim: str = MISSING
+    vllm: HardwareVllmConfig = MISSING
+    weights_dtype: str = MISSING
+    cudnn_attention: bool = MISSING
+    padding_free: bool = MISSING
+    compile: Any = MISSING           # true | layers | backbone | false
+    liger_kernels: bool = MISSING
+    dataloader_workers: int = MISSING
+    num_machines: int = MISSING
+    node_launcher: Optional[str] = MISSING
+    distributed_modules: Optional[List[str]] = MISSING
+    fsdp: Optional[str] = MISSING
+    fsdp_version: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    language: str = MISSING
+    files: Dict[str, Any] = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+
+
+@dataclass
+class ModelTokenizerConfig:
+    corpus: List[str] = MISSING
+    vocab_size: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = MISSING
+    revision: Optional[str] = MISSING
+    trust_remote_code: bool = MISSING
+    dtype: str = MISSING
+    tokenizer: Optional[ModelTokenizerConfig] = MISSING
+    architecture: Optional[Dict[str, Any]] = MISSING
+
+
+@dataclass
+class GrpoKnobs:
+    """What both GRPO runs (reasoning_grpo and the alignment RL of merged_sft_alignment) set."""
+    rewards: Dict[str, float] = MISSING
+    num_generations: int = MISSING
+    prompts_per_step: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    steps_per_rollout: int = MISSING
+    max_steps: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_ratio: float = MISSING
+    adam_epsilon: float = MISSING
+    max_grad_norm: float = MISSING
+    beta: float = MISSING
+    epsilon: float = MISSING
+    epsilon_high: Optional[float] = MISSING
+    loss_type: str = MISSING
+    scale_rewards: str = MISSING
+    mask_truncated_completions: bool = MISSING
+    top_entropy_quantile: float = MISSING
+    sync_ref_model: bool = MISSING
+    ref_model_sync_steps: int = MISSING
+    ref_model_mixup_alpha: float = MISSING
+    num_iterations: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_completion_length: int = MISSING
+    use_vllm: bool = MISSING
+    vllm_mode: str = MISSING
+    logging_steps: int = MISSING
+    save_steps: int = MISSING
+    eval_steps: int = MISSING
+    weight_decay: float = MISSING
+    use_bias_correction_kl: bool = MISSING
+    vllm_importance_sampling_correction: bool = MISSING
+    shuffle_dataset: bool = MISSING
+
+
+@dataclass
+class SftKnobs:
+    """What every chat SFT (cold_start_sft, the merged SFT, distill) sets."""
+    max_samples: Optional[int] = MISSING
+    num_train_epochs: int = MISSING
+    max_steps: int = MISSING
+    per_device_train_batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_ratio: float = MISSING
+    max_length: int = MISSING
+    packing: bool = MISSING
+    assistant_only_loss: bool = MISSING
+    logging_steps: int = MISSING
+    save_steps: int = MISSING
+
+
+@dataclass
+class BaseConfig:
+    model: ModelConfig = MISSING
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    corpus: Optional[str] = MISSING
+    eval_file: Any = MISSING
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    decay_ratio: float = MISSING
+    warmup_ratio: float = MISSING
+    weight_decay: float = MISSING
+    max_length: int = MISSING
+    packing: str = MISSING
+    group_by_length: bool = MISSING
+    logging_steps: int = MISSING
+    save_steps: int = MISSING
+    eval_samples: int = MISSING
+    eval_max_new_tokens: int = MISSING
+    eval_templates: List[str] = MISSING
+
+
+@dataclass
+class ColdStartSftLoraConfig:
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: str = MISSING
+
+
+@dataclass
+class ColdStartSftConfig(SftKnobs):
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    train_file: Any = MISSING
+    eval_file: Any = MISSING
+    template: str = MISSING
+    max_difficulty: Optional[int] = MISSING
+    lora: ColdStartSftLoraConfig = MISSING
+    eval_samples: int = MISSING
+    eval_max_new_tokens: int = MISSING
+
+
+@dataclass
+class ReasoningGrpoConfig(GrpoKnobs):
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    train_file: Any = MISSING
+    eval_file: Any = MISSING
+    template: str = MISSING
+    language: str = MISSING
+    min_difficulty: Optional[int] = MISSING
+    max_difficulty: Optional[int] = MISSING
+    max_prompts: Optional[int] = MISSING
+    eval_samples: int = MISSING
+    eval_max_new_tokens: Optional[int] = MISSING
+
+
+@dataclass
+class RejectionSamplingFiltersConfig:
+    correctness: bool = MISSING
+    judge_model: Any = MISSING
+    format: bool = MISSING
+    language_consistency_min: Optional[float] = MISSING
+    max_paragraph_chars: Optional[int] = MISSING
+    code_blocks: bool = MISSING
+    max_repeated_ngram_share: Optional[float] = MISSING
+    truncation: bool = MISSING
+    dedup: bool = MISSING
+    max_accepted_per_prompt: Optional[int] = MISSING
+
+
+@dataclass
+class RejectionSamplingMergeConfig:
+    reasoning_to_general_ratio: Optional[float] = MISSING
+    max_general: Optional[int] = MISSING
+
+
+@dataclass
+class RejectionSamplingConfig:
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    prompts_file: Any = MISSING
+    general_sft_file: Any = MISSING
+    template: str = MISSING
+    language: str = MISSING
+    backend: str = MISSING
+    max_prompts: Optional[int] = MISSING
+    samples_per_prompt: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_tokens: int = MISSING
+    max_model_len: Optional[int] = MISSING
+    trust_remote_code: bool = MISSING
+    shard_size: int = MISSING
+    filters: RejectionSamplingFiltersConfig = MISSING
+    merge: RejectionSamplingMergeConfig = MISSING
+
+
+@dataclass
+class RewardModelNodeConfig:
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    source: str = MISSING
+    revision: Optional[str] = MISSING
+    scope: str = MISSING
+    pairs_file: Any = MISSING
+    num_train_epochs: int = MISSING
+    max_steps: int = MISSING
+    per_device_train_batch_size: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_ratio: float = MISSING
+    center_rewards_coefficient: float = MISSING
+    max_length: int = MISSING
+    logging_steps: int = MISSING
+    save_steps: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+
+
+@dataclass
+class RewardModelConfig:
+    helpfulness: RewardModelNodeConfig = MISSING
+    harmlessness: RewardModelNodeConfig = MISSING
+
+
+@dataclass
+class MergedSftAlignmentSftConfig(SftKnobs):
+    """The merged SFT of the base model: the chat SFT knobs only."""
+
+
+@dataclass
+class MergedSftAlignmentAlignmentConfig(GrpoKnobs):
+    reasoning_prompts_file: Any = MISSING
+    general_prompts_file: Any = MISSING
+    eval_general_prompts: int = MISSING
+    general_share: float = MISSING
+    preference_rewards_from: float = MISSING
+    rm_batch_size: int = MISSING
+
+
+@dataclass
+class MergedSftAlignmentConfig:
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    language: str = MISSING
+    template: str = MISSING
+    eval_file: Any = MISSING
+    eval_samples: int = MISSING
+    eval_max_new_tokens: int = MISSING
+    eval_rm_samples: int = MISSING
+    eval_rm_temperature: float = MISSING
+    sft: MergedSftAlignmentSftConfig = MISSING
+    alignment: MergedSftAlignmentAlignmentConfig = MISSING
+
+
+@dataclass
+class DistillConfig(SftKnobs):
+    student_base: BaseConfig = MISSING
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    eval_file: Any = MISSING
+    template: str = MISSING
+    eval_samples: int = MISSING
+    eval_max_new_tokens: int = MISSING
+
+
+@dataclass
+class EvaluateConfig:
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    eval_file: Any = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+    template: str = MISSING
+    think_prefilled: bool = MISSING
+    language: str = MISSING
+    backend: str = MISSING
+    num_samples: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_tokens: int = MISSING
+    max_model_len: Optional[int] = MISSING
+    max_questions: Optional[int] = MISSING
+    vote_equivalence: bool = MISSING
+    shard_questions: int = MISSING
+    keep_texts: int = MISSING
+    trust_remote_code: bool = MISSING
+
+
+@dataclass
+class ReportConfig:
+    title: str = MISSING
+    recipe: str = MISSING
+
+
+# config group -> the schema of its options (each option's defaults list names `schema` first)
+GROUPS = {"base": BaseConfig, "cold_start_sft": ColdStartSftConfig, "reasoning_grpo": ReasoningGrpoConfig,
+          "rejection_sampling": RejectionSamplingConfig, "reward_model": RewardModelConfig,
+          "merged_sft_alignment": MergedSftAlignmentConfig, "distill": DistillConfig, "evaluate": EvaluateConfig,
+          "report": ReportConfig, "hardware": HardwareConfig, "data": DataConfig, "model": ModelConfig}
+
+
+def register() -> None:
+    """Make each group's schema known to Hydra as `<group>/schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    for group, node in GROUPS.items():
+        ConfigStore.instance().store(group=group, name="schema", node=node)
