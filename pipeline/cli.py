@@ -2,8 +2,11 @@
 
     r1flow run [overrides...]                 the whole recipe (make pipeline ARGS="recipe=r1_zero size=smoke")
     r1flow stage NAME [--force] [overrides]   one stage from the latest complete versions of its inputs
-    r1flow status [overrides]                 each stage: version and done / missing / stale
+    r1flow status [overrides]                 each stage: version and done / damaged / missing / stale (and why)
+    r1flow accept NAME... [overrides]         keep the latest artifact of NAME as its new version after a change
+                                              that does not alter results (recorded in the manifest)
     r1flow artifacts ls [NAME] | show NAME[@VERSION] | lineage NAME[@VERSION]
+    r1flow artifacts verify [NAME[@VERSION]]  re-hash files against their manifests; exit 1 naming damaged files
     r1flow report [NAME[@VERSION]]            the evaluation table and where the plots are
     r1flow config [overrides]                 the composed config
     r1flow serve [overrides]                  a Prefect deployment to start runs from the UI (needs `make ui`)
@@ -45,8 +48,10 @@ def _parse(argv):
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="rerun even if its version exists")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("accept")
+    p.add_argument("names", nargs="+", help="stages whose latest artifact stands for their planned version")
     p = sub.add_parser("artifacts")
-    p.add_argument("action", choices=["ls", "show", "lineage"])
+    p.add_argument("action", choices=["ls", "show", "lineage", "verify"])
     p.add_argument("ref", nargs="?", help="NAME or NAME@VERSION")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("report")
@@ -58,6 +63,11 @@ def _parse(argv):
     stray = [a for a in rest if "=" not in a or a.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "accept":  # names and overrides share the positional list
+        args.overrides = [a for a in args.names if "=" in a]
+        args.names = [a for a in args.names if "=" not in a]
+        if not args.names:
+            parser.error("accept: name at least one stage")
     if rest:
         args.overrides = list(getattr(args, "overrides", [])) + rest
     # An optional positional ref followed by overrides: `r1flow report artifacts_root=X` has no ref.
@@ -74,7 +84,44 @@ def cmd_status(overrides) -> int:
     root = artifacts_root(cfg)
     print(f"recipe {cfg.recipe.name}  artifacts {root}")
     for stage in plan(cfg):
-        print(f"  {stage.name:<24} {stage.version}  {stage_status(root, stage)}")
+        state, details = stage_status(root, stage)
+        print(f"  {stage.name:<24} {stage.version}  {state}" + (f"  ({'; '.join(details)})" if details else ""))
+    return 0
+
+
+def cmd_accept(names, overrides) -> int:
+    """Each named stage (in recipe order): its latest artifact becomes its planned version, files shared."""
+    from pipeline import artifacts
+    from pipeline.plan import artifacts_root, compose_config, plan, stale_reasons
+    from stages.shared.errors import UserError
+
+    cfg = compose_config(overrides)
+    root = artifacts_root(cfg)
+    stages = plan(cfg)
+    unknown = set(names) - {s.name for s in stages}
+    if unknown:
+        raise UserError(f"accept: no stage {', '.join(sorted(unknown))} in recipe '{cfg.recipe.name}' "
+                        f"(its stages: {', '.join(s.name for s in stages)})")
+    for stage in (s for s in stages if s.name in names):
+        if artifacts.exists(root, stage.name, stage.version):
+            print(f"{stage.name}@{stage.version} is done already")
+            continue
+        latest = artifacts.latest(root, stage.name)
+        if latest is None:
+            raise UserError(f"accept: {stage.name} has no artifact in {root} to keep; run it: `r1flow stage "
+                            f"{stage.name}`")
+        for role, version in stage.input_versions.items():
+            if not artifacts.exists(root, stage.inputs[role], version):
+                raise UserError(f"accept: {stage.name}'s input '{role}' would be {stage.inputs[role]}@{version}, "
+                                f"which is not in the store: run or accept {stage.inputs[role]} first "
+                                f"(`r1flow accept {stage.inputs[role]} {stage.name}`)")
+        reasons = stale_reasons(stage, artifacts.read_manifest(root, stage.name, latest))
+        updates = {"config": stage.config, "fingerprints": stage.fingerprints, "code": stage.code,
+                   "inputs": {role: {"name": stage.inputs[role], "version": v}
+                              for role, v in stage.input_versions.items()}}
+        with artifacts.lease(root, stage.name, stage.version, log=print):
+            uri = artifacts.accept(root, stage.name, latest, stage.version, updates=updates, reasons=reasons)
+        print(f"accepted {stage.name}@{latest} as {stage.name}@{stage.version} ({'; '.join(reasons)}): {uri}")
     return 0
 
 
@@ -105,6 +152,8 @@ def cmd_artifacts(action, ref, overrides) -> int:
                 inputs = ", ".join(f"{i['name']}@{i['version']}" for i in m["inputs"].values()) or "-"
                 print(f"{name:<24} {m['version']}  {m['kind']:<10} {m.get('ended_at', '')[:19]}  inputs: {inputs}")
         return 0
+    if action == "verify":
+        return cmd_verify(root, ref)
     if not ref:
         raise SystemExit(f"usage: r1flow artifacts {action} NAME[@VERSION]")
     name, version = _resolve(root, ref)
@@ -113,6 +162,31 @@ def cmd_artifacts(action, ref, overrides) -> int:
     else:
         print(artifacts.format_lineage(artifacts.lineage(root, name, version)))
     return 0
+
+
+def cmd_verify(root: str, ref: str | None) -> int:
+    """Re-hash every file of NAME@VERSION, of every version of NAME, or of every artifact; 1 if any is damaged."""
+    from pipeline import artifacts
+
+    if ref and "@" in ref:
+        targets = [artifacts.parse_ref(ref)]
+        artifacts.read_manifest(root, *targets[0])  # a UserError listing the versions there are
+    else:
+        listing = artifacts.list_artifacts(root)
+        if ref and ref not in listing:
+            _resolve(root, ref)  # a UserError that says how to make one
+        targets = [(name, m["version"]) for name, ms in listing.items() if ref in (None, name) for m in ms]
+    damaged = 0
+    for name, version in targets:
+        problems = artifacts.damage(root, name, version, rehash=True)
+        if problems:
+            damaged += 1
+            print(f"DAMAGED {name}@{version} ({artifacts.artifact_uri(root, name, version)}): " + "; ".join(problems))
+        else:
+            print(f"ok      {name}@{version}")
+    print(f"{len(targets)} artifact(s) verified, {damaged} damaged" + (
+        ": delete each damaged one's directory and rerun its stage (`r1flow stage NAME --force`)" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def _preflight(overrides, only) -> None:
@@ -141,6 +215,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "status":
             return cmd_status(args.overrides)
+        if args.command == "accept":
+            return cmd_accept(args.names, args.overrides)
         if args.command == "artifacts":
             return cmd_artifacts(args.action, args.ref, args.overrides)
         if args.command == "report":

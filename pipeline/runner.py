@@ -124,7 +124,17 @@ def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], N
     if stage.pinned:
         raise UserError(f"recipe.pins asks for {stage.name}@{stage.version}, which is not in {root}; "
                         f"list versions with `r1flow artifacts ls {stage.name}`")
+    # One computation of a version per store: another process sharing the root waits here, then finds it done.
+    with artifacts.lease(root, stage.name, stage.version, log=log):
+        if artifacts.exists(root, stage.name, stage.version) and not force:
+            manifest = artifacts.read_manifest(root, stage.name, stage.version)
+            return {"cached": True, "version": stage.version, "metrics": manifest["metrics"], "seconds": 0.0}
+        for leftover in artifacts.clean_staging(root, stage.name, stage.version):
+            log(f"removed {leftover}, left by a run of {stage.name}@{stage.version} that was killed")
+        return _run_leased(stage, root=root, work_root=work_root, log=log, force=force)
 
+
+def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str], None], force: bool) -> dict:
     inputs = {role: str(artifacts.load(root, producer, stage.input_versions[role]))
               for role, producer in stage.inputs.items()}
     work_dir = Path(work_root) / stage.name / stage.version
@@ -182,7 +192,8 @@ def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], N
                               for role, v in stage.input_versions.items()},
                       config=stage.config, metrics=result["metrics"], started_at=started,
                       ended_at=datetime.now(timezone.utc).isoformat(),
-                      extra={"fingerprints": stage.fingerprints, "seconds": round(time.time() - t0, 2)})
+                      extra={"fingerprints": stage.fingerprints, "code": stage.code,
+                             "seconds": round(time.time() - t0, 2)})
     lock.close()
     return {"cached": False, "version": stage.version, "metrics": result["metrics"], "seconds": time.time() - t0}
 

@@ -186,9 +186,11 @@ def test_crashed_staging_is_ignored_and_cleanable(root):
     assert A.latest(root, "grpo") is None
     assert list(A.list_artifacts(root)) == ["sft"]
 
-    assert A.clean_staging(root, older_than_s=3600) == []  # fresh: could belong to a live run
-    assert sorted(A.clean_staging(root)) == sorted([str(crashed), str(lonely)])
-    assert not crashed.exists() and not lonely.exists()
+    # Only the staging dirs of the version whose lease the caller holds: the others may belong to live runs.
+    other = A.staging_dir(root, "sft", "v22")
+    assert A.clean_staging(root, "sft", "v2") == [str(crashed)]
+    assert not crashed.exists() and lonely.exists() and other.exists()
+    assert A.clean_staging(root, "grpo", "g1") == [str(lonely)]
     assert A.exists(root, "sft", v)
 
 

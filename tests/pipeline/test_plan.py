@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.plan import compose_config, plan, versioned_view
+from pipeline import plan as plan_module
+from pipeline.plan import HASH_CACHE, code_files, compose_config, plan, versioned_view
 from stages.shared.errors import UserError
 
 RECIPES = ["r1", "r1_zero", "distill"]
@@ -52,12 +53,72 @@ def test_versions_are_deterministic_and_changes_propagate_downstream_only(tmp_pa
                        "eval_final", "report"}
 
 
-def test_hardware_is_not_part_of_the_version(tmp_path):
+def test_only_the_precision_keys_of_hardware_are_part_of_the_version(tmp_path):
     root = f"artifacts_root={tmp_path}"
-    cpu = [s.version for s in plan(compose_config([root]))]
-    threads = [s.version for s in plan(compose_config([root, "hardware.torch_threads=1"]))]
-    assert cpu == threads
-    assert "hardware" not in versioned_view({"hardware": {}, "lr": 1})
+    cpu = {s.name: s.version for s in plan(compose_config([root]))}
+    how = ["hardware.torch_threads=1", "hardware.device=cuda", "hardware.launcher=accelerate",
+           "hardware.num_processes=4", "+hardware.dataloader_workers=3"]
+    assert cpu == {s.name: s.version for s in plan(compose_config([root] + how))}
+    for precision in ("hardware.bf16=true", "+hardware.weights_dtype=bfloat16"):
+        other = {s.name: s.version for s in plan(compose_config([root, precision]))}
+        assert other["reasoning_grpo"] != cpu["reasoning_grpo"] and other["base"] != cpu["base"], precision
+    assert versioned_view({"hardware": {"bf16": True, "device": "cuda"}, "lr": 1}) == {"lr": 1,
+                                                                                      "hardware": {"bf16": True}}
+
+
+def test_a_local_model_directory_is_hashed_once_and_versioned(tmp_path, monkeypatch):
+    model = tmp_path / "my-model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "weights.bin").write_bytes(b"\x01" * 1000)
+    overrides = [f"artifacts_root={tmp_path}/a", f"work_root={tmp_path}/w", f"model.source={model}"]
+    first = {s.name: s for s in plan(compose_config(overrides))}
+    assert str(model) in first["base"].fingerprints
+    assert (tmp_path / "w" / HASH_CACHE).exists()
+
+    hashed = []
+    real = plan_module.sha256_file
+    monkeypatch.setattr(plan_module, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    again = {s.name: s.version for s in plan(compose_config(overrides))}
+    assert again == {name: s.version for name, s in first.items()}
+    assert hashed == []  # nothing changed: every file's hash came from the cache
+
+    (model / "sub" / "weights.bin").write_bytes(b"\x02" * 1000)
+    changed = {s.name: s.version for s in plan(compose_config(overrides))}
+    assert hashed == [str(model / "sub" / "weights.bin")]  # only the file that changed is read again
+    assert changed["base"] != first["base"].version and changed["report"] != first["report"].version
+
+
+def test_code_files_follow_project_imports_transitively(tmp_path):
+    files = {
+        "stages/__init__.py": "",
+        "stages/my_stage.py": "import os\nfrom stages.shared import data\n\ndef run():\n    from .shared.rewards "
+                              "import accuracy\n",
+        "stages/shared/__init__.py": "",
+        "stages/shared/data.py": "import json\nfrom . import templates\n",
+        "stages/shared/templates.py": "X = 1\n",
+        "stages/shared/rewards/__init__.py": "from stages.shared.rewards.format import check\n",
+        "stages/shared/rewards/accuracy.py": "from ..errors import UserError\n",
+        "stages/shared/rewards/format.py": "def check(): pass\n",
+        "stages/shared/errors.py": "class UserError(Exception): pass\n",
+        "stages/shared/unused.py": "",
+        "stages/other_stage.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    code = code_files("my_stage", tmp_path)
+    assert set(code) == set(files) - {"stages/shared/unused.py", "stages/other_stage.py"}
+    (tmp_path / "stages/shared/errors.py").write_text("class UserError(ValueError): pass\n")
+    after = code_files("my_stage", tmp_path)
+    assert [k for k in code if code[k] != after[k]] == ["stages/shared/errors.py"]
+
+
+def test_versions_cover_the_code_of_each_stage():
+    stages = {s.name: s for s in plan(compose_config([]))}
+    assert "stages/reasoning_grpo.py" in stages["reasoning_grpo"].code
+    assert "stages/report.py" not in stages["reasoning_grpo"].code
+    assert stages["eval_base"].code == stages["eval_final"].code  # one module, one set of sources
 
 
 def test_smoke_size_shrinks_budgets(tmp_path):
