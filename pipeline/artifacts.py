@@ -280,7 +280,13 @@ def staging_dir(root, name: str, version: str) -> Path:
     parent = Path(base) / name if local else cache_root() / name
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=parent))
+        d = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=parent))
+        # mkdtemp makes the dir private (0700); once renamed into place it is the artifact, which the team sharing
+        # the root must read: the permissions a plain mkdir would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        d.chmod(0o777 & ~umask)
+        return d
     except OSError as e:
         if local:
             raise _not_writable(root, e) from e
@@ -477,8 +483,8 @@ def accept(root, name: str, old: str, new: str, *, updates: dict, reasons: list[
 
 
 @contextlib.contextmanager
-def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float = HEARTBEAT_S,
-          stale_after_s: float = STALE_AFTER_S, poll_s: float = POLL_S):
+def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float | None = None,
+          stale_after_s: float | None = None):
     """Hold the store-wide lease on computing name@version: a file `<root>/<name>/.lease-<version>`.
 
     Two processes sharing a root (two team members, two machines) then never compute one version at once: the second
@@ -488,8 +494,11 @@ def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float = H
     The file is created with fsspec's exclusive mode ("xb": O_CREAT|O_EXCL on a local or NFS path, a conditional put
     on object stores that support one), and the holder rewrites it every `heartbeat_s` from a thread. A waiter takes
     an abandoned lease over when its holder is a dead process on this host, or when the file has not changed for
-    `stale_after_s` by the waiter's own clock (so clocks of different machines need not agree).
+    `stale_after_s` by the waiter's own clock (so clocks of different machines need not agree). Both default to the
+    module's HEARTBEAT_S and STALE_AFTER_S; waiters look every POLL_S.
     """
+    heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+    stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
     fs, base, local = _fs(root)
     path = f"{base}/{name}/{LEASE_PREFIX}{version}"
     me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
@@ -519,7 +528,7 @@ def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float = H
         if not said:
             log(f"waiting for {name}@{version}: {_describe(holder)} is computing it (lease {path})")
             said = True
-        time.sleep(poll_s)
+        time.sleep(POLL_S)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fs, path, me, heartbeat_s, stop), daemon=True,
                             name=f"lease {name}@{version}")
