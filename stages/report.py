@@ -12,10 +12,11 @@ recomputed. Inputs are recognised by their manifests (kind) and files, in the re
   and last logged values;
 - a dataset with `filter_counts.json` (rejection_sampling): acceptance rate, counts per filter (table and
   `rejection_<role>.png`);
-- wall time of every stage of the run: the inputs and, through their manifests' inputs, their ancestors in the same
-  artifact store (`wall_times.png`). Which stages were cached in a given run only the flow knows (its run-summary).
+- wall time of every stage of the run: the inputs and their ancestors, from the `upstream` list the store records in
+  every manifest (`wall_times.png`), so the report needs nothing but its inputs' manifests, whatever the store. Which
+  stages were cached in a given run only the flow knows (its run-summary).
 
-Files: report.md (relative image links, and the artifact's absolute path), report.json (the same numbers for
+Files: report.md (relative image links), report.json (the same numbers for
 `print_report`), the PNGs. `print_report(artifact_dir)` prints a report's table -- or an evaluation's summary -- in a
 terminal (`r1flow report [NAME[@VERSION]]`).
 """
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-STAGING_PREFIX = ".staging-"  # pipeline/artifacts.py: a stage writes into <root>/<name>/.staging-<version>-<random>/
 METRICS = [  # (summary key, row label, percent?)
     ("pass@1", "pass@1", True),
     ("cons@k", "cons@{k}", True),
@@ -153,23 +153,13 @@ def collect(inputs: dict[str, Path]) -> dict:
 
 
 def ancestry(inputs: dict[str, Path]) -> list[dict]:
-    """Manifests of the inputs and, through each manifest's `inputs`, of their ancestors that are in the same store
-    (`<root>/<name>/<version>/`, the root two levels above an input), deduplicated, in order of start time."""
+    """Name, version, kind, times of the inputs and of their ancestors (each manifest's `upstream`, written by the
+    store), deduplicated, in order of start time."""
     seen: dict[str, dict] = {}
-    stack = [Path(d) for d in inputs.values()]
-    while stack:
-        d = stack.pop()
-        if not (d / MANIFEST).exists():
-            continue
-        m = read_manifest(d)
-        ref = _ref(m)
-        if ref in seen:
-            continue
-        seen[ref] = m
-        root = d.parent.parent
-        for parent in (m.get("inputs") or {}).values():
-            if isinstance(parent, dict) and parent.get("name") and parent.get("version"):
-                stack.append(root / str(parent["name"]) / str(parent["version"]))
+    for d in inputs.values():
+        m = read_manifest(Path(d))
+        for entry in [m] + list(m.get("upstream") or []):
+            seen.setdefault(_ref(entry), entry)
     return sorted(seen.values(), key=lambda m: (str(m.get("started_at", "")), _ref(m)))
 
 
@@ -246,14 +236,6 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
-def final_artifact_dir(output_dir: Path) -> Path:
-    """Where output_dir will live once published: the store renames `<name>/.staging-<version>-<rnd>` to
-    `<name>/<version>`; any other directory is taken as it is."""
-    output_dir = Path(output_dir).resolve()
-    m = re.fullmatch(re.escape(STAGING_PREFIX) + r"([0-9A-Za-z_]+)-[^/]+", output_dir.name)
-    return output_dir.parent / m.group(1) if m else output_dir
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # What the plots show (drawn by stages/shared/plots.py)
 
@@ -307,14 +289,13 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     inputs = {role: Path(d) for role, d in inputs.items()}
     found = collect(inputs)
     evaluations, rl, rejection = found["evaluations"], found["rl"], found["rejection"]
-    where = final_artifact_dir(output_dir)
     title = str(cfg.title)
     md: list[str] = [f"# {title}", ""]
     recipe = cfg.recipe
-    md += [(f"Recipe `{recipe}`. " if recipe else "") + f"Artifact: `{where}` (the plots below are PNG files there).",
+    md += [(f"Recipe `{recipe}`. " if recipe else "") + "The plots below are PNG files beside this report.",
            "", f"Inputs: {', '.join(f'{role}=`{_ref(m)}`' for role, (_, m) in found['manifests'].items())}", ""]
     plots_written: list[str] = []
-    data: dict[str, Any] = {"title": title, "artifact_dir": str(where), "evaluations": [], "rl": [],
+    data: dict[str, Any] = {"title": title, "evaluations": [], "rl": [],
                             "rejection": [], "wall_times": []}
     metrics: dict[str, Any] = {"evaluations": len(evaluations), "rl_stages": len(rl)}
 
@@ -414,7 +395,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     (output_dir / REPORT_MD).write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     (output_dir / REPORT_JSON).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
     log.info(f"report: {len(evaluations)} evaluation(s), {len(rl)} RL run(s), {len(rejection)} rejection-sampling "
-          f"set(s), {len(plots_written)} plot(s) -> {where / REPORT_MD}")
+             f"set(s), {len(plots_written)} plot(s) -> {output_dir / REPORT_MD}")
     return metrics
 
 

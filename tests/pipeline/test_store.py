@@ -360,3 +360,25 @@ def test_a_lease_is_taken_over_only_once_its_heartbeat_stops(monkeypatch):
     assert any("taking over the lease of sft@v1 from pid 1 on elsewhere" in m and "no heartbeat" in m
                for m in messages)
     fs.rm(base, recursive=True)
+
+
+# --- what a stage learns about its inputs' history -------------------------------------------------------------------
+
+
+def test_upstream_timings_reach_a_stage_through_its_inputs_manifests_on_a_remote_store(tmp_path, cache):
+    """The report's wall-time table reads the inputs' manifests only: complete with a memory:// root, where the
+    ancestors are not in the local cache at all."""
+    from stages import report
+
+    url = f"memory://r1flow-{uuid.uuid4().hex}"
+    run_all(toy(tmp_path, root=url))
+    shutil.rmtree(cache)  # another machine: nothing cached
+    third = artifacts.latest(url, "third")
+    d = artifacts.load(url, "third", third)
+    assert sorted(p.name for p in cache.iterdir()) == ["third"]
+    times = report.ancestry({"source": d})
+    assert [t["name"] for t in times] == ["first", "second", "third"]
+    assert all(isinstance(t["seconds"], float) and t["seconds"] > 0 for t in times)
+    assert times[0]["version"] == artifacts.latest(url, "first")
+    fs, base = fsspec.core.url_to_fs(url)
+    fs.rm(base, recursive=True)
