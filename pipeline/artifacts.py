@@ -474,6 +474,8 @@ def accept(root, name: str, old: str, new: str, *, updates: dict, reasons: list[
             raise UserError(f"{name}@{new} was published by another process meanwhile; nothing to accept")
         return artifact_uri(root, name, new)
     try:
+        if fs.exists(f"{base}/{name}/{new}"):
+            fs.rm(f"{base}/{name}/{new}", recursive=True)  # leftover of a crashed upload or acceptance
         for f in source["files"]:
             fs.copy(f"{base}/{name}/{old}/{f['path']}", f"{base}/{name}/{new}/{f['path']}")
         fs.pipe_file(f"{base}/{name}/{new}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode())
@@ -499,7 +501,7 @@ def lease(root, name: str, version: str, *, log=log.info, heartbeat_s: float | N
     """
     heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
     stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
-    fs, base, local = _fs(root)
+    fs, base, _ = _fs(root)
     path = f"{base}/{name}/{LEASE_PREFIX}{version}"
     me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
           "pid_started": psutil.Process().create_time(), "since": utc_now()}

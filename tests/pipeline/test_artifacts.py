@@ -360,3 +360,26 @@ def test_memory_partial_upload_is_incomplete_and_replaced(mem_root):
     A.load(mem_root, "sft", "v1")
     A.remove(mem_root, "sft", "v1")
     assert not A.exists(mem_root, "sft", "v1") and not fs.exists(f"{base}/sft/v1")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_accept_publishes_the_same_files_under_the_new_version(where, root, mem_root):
+    store = str(root) if where == "local" else mem_root
+    v1 = make(store, "sft", {"w.bin": b"weights", "sub/c.json": b"{}"}, config={"lr": 1})
+    up = make(store, "data", {"rows": b"1"}, config={"n": 2})
+    uri = A.accept(store, "sft", v1, "v2", updates={"config": {"lr": 1, "comment": "x"},
+                                                     "inputs": {"dataset": {"name": "data", "version": up}}},
+                   reasons=["config: comment"])
+    assert uri == A.artifact_uri(store, "sft", "v2")
+    m = A.read_manifest(store, "sft", "v2")
+    assert m["version"] == "v2" and m["config"] == {"lr": 1, "comment": "x"} and m["files"] == A.read_manifest(
+        store, "sft", v1)["files"]
+    assert m["accepted"]["from"] == v1 and m["accepted"]["reasons"] == ["config: comment"]
+    assert [e["name"] for e in m["upstream"]] == ["data"]  # recomputed from the new inputs
+    assert snapshot(A.load(store, "sft", "v2")) == {"w.bin": b"weights", "sub/c.json": b"{}",
+                                                    "manifest.json": snapshot(A.load(store, "sft", "v2"))["manifest.json"]}
+    assert A.latest(store, "sft") == "v2" and A.damage(store, "sft", "v2", rehash=True) == []
+    with pytest.raises(UserError, match="already in the store"):
+        A.accept(store, "sft", v1, "v2", updates={}, reasons=[])
+    with pytest.raises(ValueError, match="metrics"):
+        A.accept(store, "sft", v1, "v3", updates={"metrics": {}}, reasons=[])
