@@ -88,10 +88,12 @@ def test_status_after_run(r1_run, store):
     overrides, _ = store
     code, out, _ = r1flow("status", *overrides)
     assert code == 0
-    assert all(line.split()[-1] == "done" for line in out.splitlines()[1:]), out
+    assert all(line.split()[2:] == ["done"] for line in out.splitlines()[1:]), out
     code, out, _ = r1flow("status", *overrides, "reasoning_grpo.learning_rate=1e-6")
-    states = {line.split()[0]: line.split()[-1] for line in out.splitlines()[1:]}
-    assert states["cold_start_sft"] == "done" and states["reasoning_grpo"] == "stale" and states["report"] == "stale"
+    lines = {line.split()[0]: line.split(None, 2)[2] for line in out.splitlines()[1:]}
+    assert lines["cold_start_sft"] == "done"
+    assert lines["reasoning_grpo"] == "stale  (config: learning_rate)"
+    assert lines["report"].startswith("stale") and "input: " in lines["report"]
 
 
 def test_distill_from_an_existing_stage3_dataset(r1_run, store):
