@@ -197,10 +197,12 @@ def imported_names(source: str, name: str, is_package: bool) -> set[str]:
     return out
 
 
-def code_files(module: str, root: Path) -> dict[str, str]:
+def code_files(module: str, root: Path, parsed: dict | None = None) -> dict[str, str]:
     """{path relative to root: sha256} of a stage module's source and of every project module it imports,
     transitively, found statically (ast): a stage that imports stages/shared/rewards/accuracy.py depends on it. The
-    packages on the way count too (`__init__.py` runs on import)."""
+    packages on the way count too (`__init__.py` runs on import). `parsed` ({module name: (path, sha256, imports)})
+    lets the stages of one plan share the parsing of the modules they have in common."""
+    parsed = {} if parsed is None else parsed
     files, seen, todo = {}, set(), [stage_module_name(module)]
     while todo:
         parts = todo.pop().split(".")
@@ -209,12 +211,19 @@ def code_files(module: str, root: Path) -> dict[str, str]:
             if name in seen:
                 continue
             seen.add(name)
-            path = module_file(name, root)
-            if path is None:
+            if name not in parsed:
+                path = module_file(name, root)
+                if path is None:
+                    parsed[name] = None
+                    continue
+                source = path.read_text()
+                parsed[name] = (path.relative_to(root).as_posix(), sha256_text(source),
+                                imported_names(source, name, path.name == "__init__.py"))
+            if parsed[name] is None:
                 continue
-            source = path.read_text()
-            files[path.relative_to(root).as_posix()] = sha256_text(source)
-            todo.extend(imported_names(source, name, path.name == "__init__.py"))
+            rel, digest, imports = parsed[name]
+            files[rel] = digest
+            todo.extend(imports)
     return dict(sorted(files.items()))
 
 
@@ -246,6 +255,7 @@ def plan(cfg: DictConfig, *, latest_inputs_for: str | None = None) -> list[Stage
     cache = load_hash_cache(cache_path)
     cached_before = dict(cache)
     code_by_module: dict[str, dict[str, str]] = {}
+    parsed_modules: dict = {}
     planned: dict[str, Stage] = {}
     for name, spec in stages_cfg.items():
         inputs = dict(spec.get("inputs") or {})
@@ -269,7 +279,7 @@ def plan(cfg: DictConfig, *, latest_inputs_for: str | None = None) -> list[Stage
             input_versions = {role: planned[producer].version for role, producer in inputs.items()}
         fingerprints = file_fingerprints(config, cache)
         if spec.module not in code_by_module:
-            code_by_module[spec.module] = code_files(spec.module, PROJECT_ROOT)
+            code_by_module[spec.module] = code_files(spec.module, PROJECT_ROOT, parsed_modules)
         code = code_by_module[spec.module]
         version = artifacts.compute_version(spec.module, versioned_view(config), input_versions, fingerprints, code)
         planned[name] = Stage(name, spec.module, spec.kind, config, inputs, input_versions, version, fingerprints,
