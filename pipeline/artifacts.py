@@ -14,6 +14,13 @@ The root is a local path or an fsspec URL (`file:///...`, `s3://bucket/prefix`, 
   local cache (`$R1FLOW_CACHE`, default `~/.cache/r1flow`) laid out like a local root, and verifies the copy.
 
 Stages only ever see local directories: `publish` and `load` both return one.
+
+Sharing a root: whoever computes name@version holds its `lease` (`<root>/<name>/.lease-<version>`, created
+exclusively, kept alive by a heartbeat), so two runs on one root compute a version once; holding it, a run removes the
+staging dirs that killed runs of that version left (`clean_staging`). Each manifest also records its `upstream`
+(name, version, times of every ancestor), so a stage learns its inputs' history from their manifests alone.
+`find_damage` checks an artifact against its manifest (sizes only for `status`, every byte for `artifacts verify`), and
+`accept` publishes an existing artifact's files under a new version after a change that does not alter results.
 """
 
 import contextlib

@@ -285,7 +285,10 @@ def plan(cfg: DictConfig, *, latest_inputs_for: str | None = None) -> list[Stage
         planned[name] = Stage(name, spec.module, spec.kind, config, inputs, input_versions, version, fingerprints,
                               code)
     if cache != cached_before:
-        save_hash_cache(cache_path, cache)
+        try:
+            save_hash_cache(cache_path, cache)
+        except OSError as e:  # a read-only work root (status from another user's checkout): hash again next time
+            log.warning("could not save the hash cache %s (%s)", cache_path, e)
     return list(planned.values())
 
 

@@ -376,10 +376,20 @@ def test_accept_publishes_the_same_files_under_the_new_version(where, root, mem_
         store, "sft", v1)["files"]
     assert m["accepted"]["from"] == v1 and m["accepted"]["reasons"] == ["config: comment"]
     assert [e["name"] for e in m["upstream"]] == ["data"]  # recomputed from the new inputs
-    assert snapshot(A.load(store, "sft", "v2")) == {"w.bin": b"weights", "sub/c.json": b"{}",
-                                                    "manifest.json": snapshot(A.load(store, "sft", "v2"))["manifest.json"]}
+    got = snapshot(A.load(store, "sft", "v2"))
+    assert got == {"w.bin": b"weights", "sub/c.json": b"{}", "manifest.json": got["manifest.json"]}
     assert A.latest(store, "sft") == "v2" and A.damage(store, "sft", "v2", rehash=True) == []
     with pytest.raises(UserError, match="already in the store"):
         A.accept(store, "sft", v1, "v2", updates={}, reasons=[])
     with pytest.raises(ValueError, match="metrics"):
         A.accept(store, "sft", v1, "v3", updates={"metrics": {}}, reasons=[])
+
+
+def test_clean_staging_of_a_remote_root_takes_the_cache_staging_of_that_version_only(mem_root, cache):
+    crashed = A.staging_dir(mem_root, "sft", "v1")
+    other = A.staging_dir(mem_root, "sft", "v11")
+    assert crashed.parent == cache / "sft"
+    make(mem_root, "sft", {"w": b"ok"}, version="v2")
+    A.load(mem_root, "sft", "v2")
+    assert A.clean_staging(mem_root, "sft", "v1") == [str(crashed)]
+    assert not crashed.exists() and other.exists() and (cache / "sft" / "v2").exists()
