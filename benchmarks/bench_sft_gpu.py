@@ -401,18 +401,60 @@ def project_cfg(overrides=()):
     return OmegaConf.create(OmegaConf.to_container(cfg.cold_start_sft, resolve=True))
 
 
-def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False):
-    """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them (hardware=gpu, plus
-    `hardware` overrides such as hardware.compile=backbone)."""
+def nosync_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """SFTTrainer.compute_loss's default branch (NLL on TRL's fused LM head; TRL 1.16) with its per-step metrics kept
+    on the GPU: TRL's version calls .item() (and `num_valid > 0`) on entropy, token accuracy and the token count every
+    step, each a host sync that drains the GPU queue. Converted once per log instead (nosync_log)."""
+    mode = "train" if self.model.training else "eval"
+    inputs["use_cache"] = False
+    outputs = model(**inputs, fused_lm_head=True)
+    num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+    valid = outputs.label_mask.sum().clamp(min=1)
+    self._metrics[mode]["entropy"].append(outputs.entropy.detach().sum() / valid)
+    self._metrics[mode]["mean_token_accuracy"].append(outputs.is_top1.sum() / valid)
+    if mode == "train":  # padding-free rows: the token count is the row length, a host-side int
+        self._total_train_tokens += inputs["position_ids"].size(1) if "attention_mask" not in inputs \
+            else int(inputs["attention_mask"].sum())
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    return loss
+
+
+def nosync_patch():
+    """Patch SFTTrainer for the `*_nosync` variants; returns the function that undoes it."""
     from trl import SFTTrainer
 
+    saved = SFTTrainer.compute_loss, SFTTrainer.log
+
+    def log(self, logs, start_time=None):
+        for vals in self._metrics["train" if self.model.training else "eval"].values():
+            vals[:] = [float(v) if torch.is_tensor(v) else v for v in vals]
+        return saved[1](self, logs, start_time)
+
+    SFTTrainer.compute_loss, SFTTrainer.log = nosync_compute_loss, log
+
+    def undo():
+        SFTTrainer.compute_loss, SFTTrainer.log = saved
+
+    return undo
+
+
+def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False):
+    """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them (hardware=gpu, plus
+    `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
+    per-step metric syncs removed, see nosync_compute_loss)."""
+    from trl import SFTTrainer
+
+    from stages.shared import hardware as hardware_mod
     from stages.shared import trainers
 
     cfg = project_cfg([f"cold_start_sft.per_device_train_batch_size={batch}", "cold_start_sft.max_length=2048",
                        "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
                        "cold_start_sft.warmup_ratio=0.0", "cold_start_sft.logging_steps=1000",
                        "cold_start_sft.save_steps=100000", *hardware])
-    hardware.setup(cfg)
+    hardware_mod.setup(cfg)
     model, tok = trainers.load_policy(model_dir, cfg.hardware)
     n_params = sum(p.numel() for p in model.parameters())
     meter = Meter(name, profile)
@@ -425,12 +467,14 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False)
         meter.wrap(self)
 
     SFTTrainer.__init__ = patched_init
+    undo = nosync_patch() if nosync else (lambda: None)
     try:
         model, trainer = trainers.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
                                       max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
-                                      save_strategy="no")
+                                      save_strategy="no", **(fields or {}))
     finally:
         SFTTrainer.__init__ = orig_init
+        undo()
     a = trainer.args
     r = _result(name, meter, n_params, peak, {"attn": model.config._attn_implementation,
                                                 "gc": bool(a.gradient_checkpointing), "optim": str(a.optim),
@@ -529,6 +573,16 @@ PROJECT_JOBS = {
     "project_b32_workers2": dict(batch=32, hardware=["hardware.dataloader_workers=2"]),
     "project_b32_backbone": dict(batch=32, hardware=["hardware.compile=backbone"], profile=True),
     "project_b32_nocompile": dict(batch=32, hardware=["hardware.compile=false"]),
+    # issue 16 item 4 (fp32 master weights, 2 loader workers: conf/hardware/gpu.yaml now); the default, unprofiled
+    "project_b32_default": dict(batch=32),
+    # transformers' Trainer checks every micro-step's loss for NaN/inf (`logging_nan_inf_filter`): a host sync
+    "project_b32_nanfilter_off": dict(batch=32, fields={"logging_nan_inf_filter": False}),
+    # ... and TRL's per-step metric syncs (entropy, token accuracy, token count) removed too
+    "project_b32_nosync": dict(batch=32, fields={"logging_nan_inf_filter": False}, nosync=True),
+    # the whole decoder stack as one graph, with the 2 loader workers (and without host syncs)
+    "project_b32_backbone_workers2": dict(batch=32, hardware=["hardware.compile=backbone"]),
+    "project_b32_backbone_nosync": dict(batch=32, hardware=["hardware.compile=backbone"],
+                                        fields={"logging_nan_inf_filter": False}, nosync=True),
     # pure bf16 weights and AdamW state (what hardware=gpu did before fp32 master weights became the default)
     "project_b32_bf16_weights": dict(batch=32, hardware=["hardware.weights_dtype=bfloat16"]),
     # under `accelerate launch --use_fsdp ... --num_processes N` (benchmarks/lent_gpu.sh fsdp): 32 samples per GPU

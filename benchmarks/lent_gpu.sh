@@ -108,4 +108,30 @@ fsdp() {  # at most 8 files come back: 4 logs + the benchmark's 4 JSON files
     echo "== $f"; grep -h -A3 "^variant" "$OUT/$f.log" || tail -n 5 "$OUT/$f.log"; done
 }
 
+# ---------------------------------------------------------------------------------------------------------------------
+# vLLM runs (issue 16). vLLM 0.25.0 travels in two calls (../shared/gpu/README.md): `.gpu/` at the root of the checkout
+# that the device machine receives; this tree is copied to `.gpuwork/src` there (GPU_CARRY points at `.gpu/`).
+#   call 1 (carry .gpu/c1 .gpu/bin):            bash .gpu/bin/device.sh part1
+#   call 2 (carry .gpu/c2 .gpu/bin .gpuwork):  bash .gpu/bin/device.sh part2 check && cd .gpuwork/src && bash benchmarks/lent_gpu.sh grpo_vllm
+vsetup() {
+  source "${GPU_CARRY:-../../.gpu}/bin/device.sh" || exit 1
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+}
+
+# GRPO at the 1.5B shape: plain TRL colocate and the tuned settings (one engine), then vLLM alone (bench_grpo_gpu.py)
+grpo_vllm() {
+  vsetup
+  python benchmarks/bench_grpo_gpu.py ${GRPO_GROUPS:-trl alone} > "$OUT/grpo_driver.log" 2>&1
+  grep -h "KV cache size\|Maximum concurrency\|ENGINE start\|Error\|error:" "$OUT"/grpo_*.log | cut -c1-300 | head -n 30
+  tail -n 14 "$OUT/grpo_driver.log"
+}
+
+# SFT MFU candidates against the default in one call, then the engine start-up measurement
+sft_mfu() {
+  vsetup
+  timeout "${SFT_TIMEOUT:-400}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
+    project_b32_nanfilter_off project_b32_nosync project_b32_backbone_workers2} > "$OUT/sft.log" 2>&1
+  grep -h -A8 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
+}
+
 "$@"
