@@ -33,10 +33,8 @@ RUNS = {"hf": ("hf", {}), "vllm_cold": ("vllm", {}), "vllm_warm": ("vllm", {}),
 
 
 def modules():
-    try:
-        from stages.shared import data, generation, models
-    except ImportError:  # before the stages/shared layout
-        from stages import data, generation, models
+    from stages.shared import data, generation, models
+
     return data, generation, models
 
 

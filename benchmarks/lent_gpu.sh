@@ -134,4 +134,31 @@ sft_mfu() {
   grep -h -A8 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
 }
 
+# The whole r1 recipe with vLLM in every generating stage (stage_times.py --run: pipeline.runner, one process per stage;
+# Prefect is not carried), model=random_300m at budgets where vLLM matters: evaluations of 200 questions x 4 samples
+# x 512 tokens, rejection sampling of 256 prompts x 4 x 512, GRPO and the alignment RL at 16 prompts x G=8 x 512
+# tokens (8 accumulation steps of 16 samples). vLLM engines of the generation module run eager (start ~10 s instead of
+# ~40-80 s: bench_grpo_gpu.py's eager group); TRL's colocated engine takes no enforce_eager (compiled, CUDA graphs).
+# A second call with the same arguments runs what the first did not finish (finished stages are in the store).
+R1_VLLM="model=random_300m size=smoke hardware.vllm.enforce_eager=true \
+evaluate.backend=vllm evaluate.max_questions=200 evaluate.num_samples=4 evaluate.max_tokens=512 \
+rejection_sampling.backend=vllm rejection_sampling.max_prompts=256 rejection_sampling.samples_per_prompt=4 \
+rejection_sampling.max_tokens=512 rejection_sampling.shard_size=256 \
+reasoning_grpo.use_vllm=true reasoning_grpo.max_steps=6 reasoning_grpo.prompts_per_step=16 \
+reasoning_grpo.num_generations=8 reasoning_grpo.gradient_accumulation_steps=8 reasoning_grpo.max_completion_length=512 \
+reasoning_grpo.save_steps=1000 reasoning_grpo.eval_max_new_tokens=64 \
+merged_sft_alignment.alignment.use_vllm=true merged_sft_alignment.alignment.max_steps=4 \
+merged_sft_alignment.alignment.prompts_per_step=16 merged_sft_alignment.alignment.num_generations=8 \
+merged_sft_alignment.alignment.gradient_accumulation_steps=8 merged_sft_alignment.alignment.max_completion_length=512 \
+merged_sft_alignment.alignment.save_steps=1000 merged_sft_alignment.alignment.eval_steps=0"
+recipe_vllm() {  # $1: hardware (gpu | multi_gpu), $2: a tag for the files, $3: --stages list (empty: all)
+  vsetup
+  local t=$(date +%s)
+  timeout "${RECIPE_TIMEOUT:-540}" python benchmarks/stage_times.py --run ${3:+--stages $3} hardware=$1 $R1_VLLM \
+    artifacts_root=/tmp/art_$2 work_root=/tmp/work_$2 --json "$OUT/recipe_$2.json" >> "$OUT/recipe_$2.log" 2>&1
+  echo "== recipe $2 rc=$? in $(( $(date +%s) - t )) s" | tee -a "$OUT/recipe_$2.log"
+  grep -h "^== \|vLLM engine for\|generate \[vllm\]: [0-9]* tokens\|Traceback\|Error" "$OUT/recipe_$2.log" | cut -c1-260 | tail -n 40
+  grep -h -A14 "^stage " "$OUT/recipe_$2.log" | tail -n 15
+}
+
 "$@"
