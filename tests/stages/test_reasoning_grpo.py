@@ -23,6 +23,7 @@ def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32 * 16  # 32 prompts x G
     assert args.generation_batch_size == 16 * 512 and args.steps_per_generation == 16 * 32  # 16 minibatches
     assert args.use_vllm and args.vllm_mode == "colocate"
+    assert args.generation_kwargs == {"detokenize": False}  # colocated vLLM: token ids only, no detokenization
     assert args.reward_weights == [1.0, 1.0, 0.1]
     assert args.save_steps == 100 and args.output_dir == str(tmp_path)
 
@@ -30,6 +31,7 @@ def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
     args = trainers.grpo_args(tiny, tmp_path)
     assert not args.bf16 and args.use_cpu and not args.gradient_checkpointing and not args.dataloader_pin_memory
     assert args.disable_tqdm and args.report_to == []
+    assert args.generation_kwargs is None  # HF generate: TRL's own generation config
     for key in ("beta", "epsilon", "num_generations", "loss_type", "temperature", "max_completion_length",
                 "learning_rate"):
         assert getattr(args, key) == tiny[key], key
