@@ -246,9 +246,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         extra.append(heldout.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
                                                   every=int(acfg.eval_steps),
                                                   max_new_tokens=int(cfg.eval_max_new_tokens)))
-    trainer = trainers.build_trainer(GRPOTrainer, name="alignment", callbacks=[*extra, *(callbacks or [])],
-                                     model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                                     processing_class=tokenizer)
+    with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
+        trainer = trainers.build_trainer(GRPOTrainer, name="alignment", callbacks=[*extra, *(callbacks or [])],
+                                         model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                         processing_class=tokenizer)
     t0 = time.time()
     trainers.train(trainer, ckpt)
     metrics["train_seconds"] = time.time() - t0

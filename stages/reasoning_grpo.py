@@ -80,9 +80,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     if rows and int(cfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, rows, template=cfg.template,
                                                   every=int(cfg.eval_steps), max_new_tokens=eval_new))
-    trainer = trainers.build_trainer(GRPOTrainer, name="reasoning_grpo", callbacks=[*extra, *(callbacks or [])],
-                                     model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                                     processing_class=tokenizer)
+    with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
+        trainer = trainers.build_trainer(GRPOTrainer, name="reasoning_grpo", callbacks=[*extra, *(callbacks or [])],
+                                         model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                         processing_class=tokenizer)
     t0 = time.time()
     trainers.train(trainer, ckpt)
     train_s = time.time() - t0

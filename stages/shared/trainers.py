@@ -21,6 +21,8 @@ What later stages reuse:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -325,6 +327,25 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         # "GRPO at a 1.5B shape")
         fields["generation_kwargs"] = {"detokenize": False}
     return trainer_args(GRPOConfig, cfg, checkpoint_dir, **fields)
+
+
+@contextlib.contextmanager
+def colocated_engine_args(hardware: Mapping):
+    """Around GRPOTrainer(...): TRL 1.16 builds its colocated vLLM engine there with `LLM(...)` and has no field for
+    enforce_eager, so hardware.vllm.enforce_eager reaches that engine only through the constructor TRL calls. Eager
+    starts in ~10 s instead of 57-82 s and decodes at 0.62x (benchmarks/README.md, 1.5B on an H100): worth it for
+    short stages, not for long ones."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    if not (hardware.get("vllm") or {}).get("enforce_eager") or not hasattr(trl_vllm, "LLM"):
+        yield
+        return
+    constructor = trl_vllm.LLM
+    trl_vllm.LLM = functools.partial(constructor, enforce_eager=True)
+    try:
+        yield
+    finally:
+        trl_vllm.LLM = constructor
 
 
 def check_vllm(cfg) -> None:

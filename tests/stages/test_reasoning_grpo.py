@@ -37,6 +37,22 @@ def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
         assert getattr(args, key) == tiny[key], key
 
 
+def test_enforce_eager_reaches_trls_colocated_engine(monkeypatch):
+    """TRL builds its colocated engine with trl.generation.vllm_generation.LLM(...) and takes no enforce_eager: inside
+    colocated_engine_args that constructor gets hardware.vllm.enforce_eager, and only there."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    seen = []
+    monkeypatch.setattr(trl_vllm, "LLM", lambda **kw: seen.append(kw), raising=False)
+    with trainers.colocated_engine_args({"vllm": {"enforce_eager": True}}):
+        trl_vllm.LLM(model="m", gpu_memory_utilization=0.3)
+    trl_vllm.LLM(model="m")
+    with trainers.colocated_engine_args({"vllm": {"enforce_eager": False}}):
+        trl_vllm.LLM(model="m")
+    assert seen == [{"enforce_eager": True, "model": "m", "gpu_memory_utilization": 0.3}, {"model": "m"},
+                    {"model": "m"}]
+
+
 def test_bad_knobs_are_user_errors(tmp_path):
     for override, match in [("reasoning_grpo.loss_type=ppo", "loss_type"),
                             ("reasoning_grpo.sync_ref_model=true", "beta"),
