@@ -10,6 +10,9 @@ torch.compile, no CUDA graphs).
 
 Break-even: vLLM wins once start_vllm + T / rate_vllm < start_hf + T / rate_hf, i.e. for
 T > (start_vllm - start_hf) / (1 / rate_hf - 1 / rate_vllm) generated tokens (rates at the larger size).
+
+Not run yet (2026-11-26: the session's device time went to the recipe runs; benchmarks/README.md derives the
+break-even from those runs' engine starts and the earlier HF rates instead).
 """
 
 from __future__ import annotations

@@ -383,7 +383,8 @@ def group_eager():
     model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.float32).to(DEVICE)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo_eager_"), report_to=[], num_generations=G, use_vllm=True,
                       vllm_mode="colocate", per_device_train_batch_size=min(8, SAMPLES),
-                      gradient_accumulation_steps=SAMPLES // min(8, SAMPLES), max_completion_length=COMPLETION, max_steps=1)
+                      gradient_accumulation_steps=SAMPLES // min(8, SAMPLES), max_completion_length=COMPLETION,
+                      max_steps=1)
     trainer = GRPOTrainer(model=model, reward_funcs=random_reward, args=args, train_dataset=dataset(),
                           processing_class=tokenizer())
     out = [time_generate(trainer.vllm_generation.llm, "eager:outside_trl", True)]

@@ -442,8 +442,8 @@ def nosync_patch():
 
 
 def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False):
-    """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them (hardware=gpu, plus
-    `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
+    """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them
+    (hardware=gpu, plus `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
     per-step metric syncs removed, see nosync_compute_loss)."""
     from trl import SFTTrainer
 

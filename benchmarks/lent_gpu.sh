@@ -118,7 +118,8 @@ vsetup() {
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 }
 
-# GRPO at the 1.5B shape: plain TRL colocate and the tuned settings (one engine), then vLLM alone (bench_grpo_gpu.py)
+# GRPO at the 1.5B shape (bench_grpo_gpu.py): GRPO_GROUPS="trl alone" (call 2), then "sleep alone eager" (call 4);
+# GRPO_BENCH_DEADLINE (epoch s) keeps the groups inside the call's 10 minutes
 grpo_vllm() {
   vsetup
   python benchmarks/bench_grpo_gpu.py ${GRPO_GROUPS:-trl alone} > "$OUT/grpo_driver.log" 2>&1
@@ -126,11 +127,11 @@ grpo_vllm() {
   tail -n 14 "$OUT/grpo_driver.log"
 }
 
-# SFT MFU candidates against the default in one call, then the engine start-up measurement
+# SFT MFU candidates against the default in one call (benchmarks/README.md "SFT MFU with fp32 master weights")
 sft_mfu() {
   vsetup
-  timeout "${SFT_TIMEOUT:-400}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
-    project_b32_nanfilter_off project_b32_nosync project_b32_backbone_workers2} > "$OUT/sft.log" 2>&1
+  timeout "${SFT_TIMEOUT:-570}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
+    project_b32_nosync project_b32_backbone_nosync} > "$OUT/sft.log" 2>&1
   grep -h -A8 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
 }
 
