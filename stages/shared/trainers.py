@@ -337,7 +337,7 @@ def colocated_engine_args(hardware: Mapping):
     short stages, not for long ones."""
     import trl.generation.vllm_generation as trl_vllm
 
-    if not (hardware.get("vllm") or {}).get("enforce_eager") or not hasattr(trl_vllm, "LLM"):
+    if not hardware["vllm"]["enforce_eager"] or not hasattr(trl_vllm, "LLM"):
         yield
         return
     constructor = trl_vllm.LLM
