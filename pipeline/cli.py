@@ -200,10 +200,23 @@ def _preflight(overrides, only) -> None:
     artifacts.check_writable(artifacts_root(cfg))
 
 
+def _mark_crashed_runs() -> None:
+    """Runs of this project whose process died show as Crashed from the next command on (pipeline/crashed.py)."""
+    from pipeline import crashed
+
+    try:
+        for run_id in crashed.mark_crashed_runs():
+            print(f"r1flow: flow run {run_id} had died without reporting; marked Crashed in Prefect", file=sys.stderr)
+    except Exception as e:  # Prefect unreachable: the command itself does not need it
+        print(f"r1flow: could not mark dead runs as Crashed in Prefect ({e!r})", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     _prefect_env()
     from stages.shared.errors import UserError
+
+    _mark_crashed_runs()
 
     try:
         if args.command == "config":

@@ -33,6 +33,14 @@ from stages.shared.errors import UserError
 
 RESULT_FILE = "_stage_result.json"
 USER_ERROR_FILE = "user_error.txt"
+# Progress events from the stage process to the flow: JSON lines appended to this file, whose path the stage finds in
+# the environment variable (stages/shared/events.py writes them; pipeline/flow.py follows them).
+EVENTS_FILE = "events.jsonl"
+EVENTS_ENV = "R1FLOW_EVENTS"
+
+
+def events_path(work_root: str, stage: Stage) -> Path:
+    return Path(work_root) / stage.name / stage.version / EVENTS_FILE
 
 
 def launch_command(hardware: dict, spec_path: str) -> list[str]:
@@ -153,6 +161,8 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
     spec = {"name": stage.name, "module": stage.module, "config": stage.config, "inputs": inputs,
             "output_dir": str(staging), "work_dir": str(work_dir)}
     (work_dir / USER_ERROR_FILE).unlink(missing_ok=True)
+    events = events_path(work_root, stage)
+    events.unlink(missing_ok=True)  # this attempt's events only
     spec_path = work_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     started = datetime.now(timezone.utc).isoformat()
@@ -162,7 +172,9 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
     if int(hardware.get("num_machines") or 1) > 1 and "accelerate.commands.launch" in cmd:
         # several nodes without Slurm: every other node runs this same command with its own --machine_rank
         log(f"on every other node, with its --machine_rank: {shlex.join(cmd)}")
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=stage_env(hardware), stdout=subprocess.PIPE,
+    env = stage_env(hardware)
+    env[EVENTS_ENV] = str(events)
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
     tail: list[str] = []
     with open(work_dir / "stage.log", "a") as stage_log:  # every attempt's output, beside its checkpoints
