@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -27,6 +28,7 @@ from prefect.context import get_run_context
 from prefect.futures import wait as wait_all
 from prefect.states import Completed
 from prefect.utilities.annotations import quote
+from tqdm.auto import tqdm
 
 from pipeline import artifacts, crashed, runner
 from pipeline.plan import Stage, artifacts_root, compose_config, plan, work_root
@@ -124,11 +126,11 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def progress_description(stage: Stage, event: dict, phase_start: tuple[float, int]) -> str:
-    """`reasoning_grpo · train step 40 of 150 · 2m10s elapsed · ETA 5m58s` (rate since the phase's first event)."""
+def progress_description(event: dict, phase_start: tuple[float, int]) -> str:
+    """`reasoning_grpo training: step 40 of 150 · 2m10s elapsed · ETA 5m58s` (rate since the phase's first event)."""
     t0, step0 = phase_start
     elapsed = event["t"] - t0
-    text = f"{stage.name} · {event['phase']} step {event['step']} of {event['total']} · {duration(elapsed)} elapsed"
+    text = f"{event['phase']}: step {event['step']} of {event['total']} · {duration(elapsed)} elapsed"
     if event["step"] > step0 and event["step"] < event["total"]:
         eta = elapsed / (event["step"] - step0) * (event["total"] - event["step"])
         text += f" · ETA {duration(eta)}"
@@ -147,7 +149,7 @@ def show_progress(stage: Stage, events: list[dict], watch: dict) -> None:
             watch["rows"].append({"phase": event["phase"], "step": event["step"], **shown})
     last = events[-1]
     percent = 100.0 * min(last["step"], last["total"]) / max(last["total"], 1)
-    description = progress_description(stage, last, watch["phase_start"][last["phase"]])
+    description = progress_description(last, watch["phase_start"][last["phase"]])
     if watch["artifact_id"] is None:
         watch["artifact_id"] = create_progress_artifact(percent, key=f"progress-{artifact_key(stage.name)}",
                                                         description=description)
@@ -160,21 +162,34 @@ def show_progress(stage: Stage, events: list[dict], watch: dict) -> None:
                               description=f"{stage.name}@{stage.version}: metrics at each log step")
 
 
+def show_bar(bar, stage: Stage, events: list[dict]) -> None:
+    """The terminal's view of the same events (a tqdm bar, drawn only when stderr is a terminal)."""
+    if events:
+        last = events[-1]
+        if bar.total != last["total"] or not bar.desc.endswith(last["phase"]):
+            bar.reset(total=last["total"])
+            bar.set_description(f"{stage.name}: {last['phase']}")
+        bar.update(last["step"] - bar.n)
+
+
 def run_with_progress(stage: Stage, work: str, start, log) -> dict:
     """Run `start()` (the runner) in a worker thread while this task's thread follows the stage's events file."""
     path, since, offset = runner.events_path(work, stage), time.time(), 0
     watch = {"artifact_id": None, "phase_start": {}, "rows": []}
+    bar = tqdm(desc=stage.name, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     with ThreadPoolExecutor(1, thread_name_prefix=f"stage-{stage.name}") as pool:
         future = pool.submit(start)
         while True:
             done = bool(wait([future], timeout=EVENT_POLL_S).done)
             events, offset = read_new_events(path, offset, since)
+            show_bar(bar, stage, events)
             try:
                 show_progress(stage, events, watch)
             except Exception as e:  # the UI's view must never fail the stage
                 log(f"progress not shown in Prefect: {e!r}")
             if done:
                 break
+    bar.close()
     result = future.result()  # raises the stage's error
     if watch["artifact_id"] is not None:
         update_progress_artifact(watch["artifact_id"], 100.0,

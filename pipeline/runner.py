@@ -34,9 +34,10 @@ from stages.shared.errors import UserError
 RESULT_FILE = "_stage_result.json"
 USER_ERROR_FILE = "user_error.txt"
 # Progress events from the stage process to the flow: JSON lines appended to this file, whose path the stage finds in
-# the environment variable (stages/shared/events.py writes them; pipeline/flow.py follows them).
+# the environment variable (stages/shared/progress.py writes them; pipeline/flow.py follows them).
 EVENTS_FILE = "events.jsonl"
 EVENTS_ENV = "R1FLOW_EVENTS"
+RUN_NAME_ENV = "R1FLOW_RUN_NAME"  # the trackers' run name (stages/shared/trainers.py): one per stage version
 
 
 def events_path(work_root: str, stage: Stage) -> Path:
@@ -173,7 +174,7 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
         # several nodes without Slurm: every other node runs this same command with its own --machine_rank
         log(f"on every other node, with its --machine_rank: {shlex.join(cmd)}")
     env = stage_env(hardware)
-    env[EVENTS_ENV] = str(events)
+    env.update({EVENTS_ENV: str(events), RUN_NAME_ENV: f"{stage.name}-{stage.version}"})
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
     tail: list[str] = []

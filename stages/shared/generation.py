@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 
 from stages.shared.errors import UserError
 from stages.shared.hardware import on_cpu
+from stages.shared.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Generator(abc.ABC):
                  max_tokens: int = 64, seed: int | None = None) -> list[list[dict]]:
         out: list[list[dict]] = []
         total = max(1, -(-len(prompts) // self.batch_size))
+        bar = Progress(len(prompts) * n, "generation", f"generate [{self.backend}]", unit="sample", lines=False)
         for b, start in enumerate(range(0, len(prompts), self.batch_size), 1):
             batch = list(prompts[start:start + self.batch_size])
             t0 = time.time()
@@ -94,7 +96,9 @@ class Generator(abc.ABC):
             self.seconds += dt
             log.info("generate [%s]: batch %d/%d, %d prompts x %d samples, %d tokens, %.1f s, %.0f tokens/s",
                      self.backend, b, total, len(batch), n, toks, dt, toks / max(dt, 1e-9))
+            bar.update(len(batch) * n)
             out.extend(res)
+        bar.close()
         return out
 
     @abc.abstractmethod

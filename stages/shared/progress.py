@@ -35,11 +35,12 @@ def emit(phase: str, step: int, total: int, metrics: dict | None = None) -> None
 
 
 class Progress:
-    """`with Progress(total, "generate", "rejection sampling") as p: ... p.update(n)`: a tqdm bar when stderr is a
-    terminal, else a plain `desc: i/N` line every tenth of the way; and events for the orchestrator."""
+    """`with Progress(total, "generation", "generate [vllm]") as p: ... p.update(n)`: a tqdm bar when stderr is a
+    terminal, else (with `lines`) a plain `desc: i/N` line every tenth of the way; and events for the orchestrator.
+    Loops that already log a line per batch pass lines=False."""
 
-    def __init__(self, total: int, phase: str, desc: str, unit: str = "it"):
-        self.total, self.phase, self.desc, self.done = int(total), phase, desc, 0
+    def __init__(self, total: int, phase: str, desc: str, unit: str = "it", lines: bool = True):
+        self.total, self.phase, self.desc, self.done, self.lines = int(total), phase, desc, 0, lines
         self.bar = tqdm(total=self.total, desc=desc, unit=unit, disable=not sys.stderr.isatty())
         self.last_event, self.next_line = 0.0, 0
         self.t0 = time.time()
@@ -52,7 +53,7 @@ class Progress:
         if self.done >= self.total or now - self.last_event >= MIN_EVENT_INTERVAL_S:
             emit(self.phase, self.done, self.total)
             self.last_event = now
-        if self.bar.disable and self.total and self.done * 10 // self.total >= self.next_line:
+        if self.lines and self.bar.disable and self.total and self.done * 10 // self.total >= self.next_line:
             self.next_line = self.done * 10 // self.total + 1
             print(f"{self.desc}: {self.done}/{self.total} ({time.time() - self.t0:.0f} s)", flush=True)
 

@@ -21,6 +21,10 @@ class RunConfig:
     retries: int = MISSING
     retry_delay_s: int = MISSING
     log_level: str = MISSING
+    concurrent: bool = MISSING
+    report_to: Any = MISSING         # a tracker name or a list of them
+    image_max_width: int = MISSING
+    image_max_kib: int = MISSING
 
 
 @dataclass
@@ -58,6 +62,7 @@ class HardwareConfig:
     distributed_modules: Optional[List[str]] = MISSING
     fsdp: Optional[str] = MISSING
     fsdp_version: int = MISSING
+    report_to: Any = MISSING         # ${run.report_to} (conf/config.yaml): trackers stay out of versions with hardware
 
 
 @dataclass

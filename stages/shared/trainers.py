@@ -6,17 +6,19 @@ What later stages reuse:
 
 - `setup(cfg)`: torch threads and seeds from the stage config, before anything is built.
 - `trainer_args(config_cls, cfg, checkpoint_dir, **fields)`: a TRL config (SFTConfig, GRPOConfig, ...) with the
-  hardware settings, checkpointing into `checkpoint_dir`, progress lines instead of tqdm; `fields` win.
+  hardware settings, checkpointing into `checkpoint_dir`, the trackers of `hardware.report_to` (run.report_to),
+  a tqdm bar on a terminal and progress lines otherwise; `fields` win.
 - `load_policy(model_dir, hardware)` -> (model, tokenizer) from an input checkpoint artifact.
 - `train(trainer, checkpoint_dir)`: `trainer.train()` resuming from the last complete checkpoint; returns the step it
   resumed from (0 for a fresh start).
-- `ProgressCallback`: prints `step i/N key=val ...` on every log; `HeldoutEvalCallback`: held-out accuracy every N
+- `ProgressCallback`: logs `step i/N key=val ...` on every log and reports progress and metrics as events for the
+  orchestrator (stages/shared/progress.py); `HeldoutEvalCallback`: held-out accuracy every N
   steps into the log history (the RL curves' accuracy).
 - `evaluate(model, tokenizer, rows, template=..., ...)` -> {accuracy, format_rate, mean_length, ...}.
 - `sft(cfg, model, tokenizer, dataset, work_dir)` -> (plain model, trainer): SFTTrainer on a messages / text /
   prompt-completion dataset, LoRA optional (merged at the end), resumed after a crash.
-- `finish(output_dir, model, tokenizer, trainer)`: save_pretrained + log_history.jsonl + loss/RL plots; returns the
-  summary metrics of the log history.
+- `finish(output_dir, model, tokenizer, trainer)`: save_pretrained + log_history.jsonl + loss/RL plots + TensorBoard
+  event files; returns the summary metrics of the log history.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -34,13 +38,17 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from stages.shared import logs
+from stages.shared import logs, progress
 from stages.shared.errors import UserError
 from stages.shared.hardware import hardware_args, is_main_process, model_dtype, on_cpu, world_size
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+TENSORBOARD_DIR = "tensorboard"  # in a training artifact: the event files of its run
+# The runner names each stage version's tracker run (`<stage>-<version>`), so a resumed attempt continues one run.
+RUN_NAME_ENV = "R1FLOW_RUN_NAME"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -59,15 +67,17 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
     """Build a TRL config (SFTConfig, GRPOConfig, ...) for one stage.
 
     From cfg: every key that is a field of config_cls (trl_fields) and the hardware settings; ours: checkpoints into
-    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), no tqdm and no external loggers
-    (ProgressCallback logs lines that stream into Prefect). `fields` (what a stage derives) override them. Unknown
-    fields are an error.
+    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), the trackers of hardware.report_to
+    (run.report_to; TensorBoard writes under checkpoint_dir/runs/, which `finish` copies into the artifact), tqdm's bar
+    only on a terminal (ProgressCallback logs lines that stream into Prefect). `fields` (what a stage derives) override
+    them. Unknown fields are an error.
     """
     base = dict(
         output_dir=str(checkpoint_dir),
         data_seed=int(cfg["seed"]),
-        report_to="none",
-        disable_tqdm=True,
+        report_to=trackers(cfg["hardware"]["report_to"]),
+        run_name=os.environ.get(RUN_NAME_ENV),
+        disable_tqdm=not sys.stderr.isatty(),
         log_level="warning",
         logging_strategy="steps",
         save_strategy="steps",
@@ -86,6 +96,16 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
     if unknown:
         raise UserError(f"{config_cls.__name__} has no field(s) {unknown}; check the stage config keys")
     return config_cls(**base)
+
+
+def trackers(report_to) -> str | list[str]:
+    """run.report_to (one name or a list) as TRL's report_to; UserError for a tracker it does not know."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise UserError(f"run.report_to={report_to!r}: {unknown} unknown; use {', '.join(TRACKERS)} or a list of them")
+    names = [n for n in names if n != "none"]
+    return names or "none"
 
 
 def load_policy(model_dir: str | Path, hardware: Mapping):
@@ -177,12 +197,27 @@ def _fmt(value) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """One line per log: `step i/N key=val ...` (tqdm stays off, so logs stream line by line into Prefect)."""
+    """One line per log: `step i/N key=val ...`, which streams line by line into Prefect; and progress events
+    (stages/shared/progress.py): every log with its metrics, between logs at most one a second."""
 
     def __init__(self, name: str = ""):
         self.name = name
+        self.phase = f"{name} training".strip()
         self.t0 = None
         self.start_step = 0
+        self.last_event = 0.0
+
+    def _emit(self, state, metrics=None):
+        progress.emit(self.phase, state.global_step, state.max_steps, metrics)
+        self.last_event = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.time() - self.last_event >= progress.MIN_EVENT_INTERVAL_S:
+            self._emit(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._emit(state)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.time()
@@ -193,6 +228,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if state.is_world_process_zero:
+            self._emit(state, logs)
         parts = [f"step {state.global_step}/{state.max_steps}"]
         for key, short in _SHOWN:
             if logs.get(key) is not None:
@@ -414,7 +451,8 @@ def _save_sharded(model, tokenizer, output_dir: Path) -> None:
 
 
 def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = False) -> dict:
-    """Save model + tokenizer, log_history.jsonl and plots into output_dir; return the log history's summary.
+    """Save model + tokenizer, log_history.jsonl, plots and TensorBoard event files into output_dir; return the log
+    history's summary.
     Under FSDP every process calls it (the weights are gathered) and the main process writes."""
     from stages.shared import plots
 
@@ -426,6 +464,9 @@ def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = Fals
         if rl:
             plots.plot_rl(history, output_dir / "rl_curves.png")
         plots.plot_loss(history, output_dir / "loss.png")
+        runs = Path(trainer.args.output_dir) / "runs"  # TensorBoard's event files, one directory per attempt
+        if runs.is_dir():
+            shutil.copytree(runs, output_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
     metrics = logs.summarize(history)
     metrics["global_step"] = int(trainer.state.global_step)
     metrics["resumed_from_step"] = int(getattr(trainer, "resumed_from", 0))

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 pytestmark = pytest.mark.e2e
 R1FLOW = [sys.executable, "-m", "pipeline.cli"]
@@ -21,7 +23,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, prefect_server):
     root = tmp_path_factory.mktemp("e2e")
     return [f"artifacts_root={root}/artifacts", f"work_root={root}/work", "size=smoke", "evaluate.backend=hf"], root
 
@@ -42,20 +44,38 @@ def summary_rows(stdout):
     return rows
 
 
+def flow_runs(client, overrides):
+    """The flow runs of `r1flow run OVERRIDES`, oldest first."""
+    runs = [r for r in client.read_flow_runs() if r.parameters.get("overrides") == list(overrides)]
+    return sorted(runs, key=lambda r: r.created)
+
+
 @pytest.fixture(scope="module")
 def r1_run(store):
+    """The r1 smoke run; meanwhile the Prefect API is polled for cold_start_sft's progress artifact, as the UI does."""
     overrides, root = store
-    code, out, err = r1flow("run", *overrides)
-    assert code == 0, err[-3000:]
-    return summary_rows(out)
+    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
+    proc = subprocess.Popen(R1FLOW + ["run", *overrides], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    with get_client(sync_client=True) as client:
+        while proc.poll() is None:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                any_=["progress-cold-start-sft"])))
+            seen += [a.data for a in found]
+            time.sleep(0.5)
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        flow_run = flow_runs(client, overrides)[-1]
+    return summary_rows(out) | {"progress seen": seen, "flow run": flow_run}
 
 
 def test_r1_recipe_runs_every_stage_and_ends_with_a_report(r1_run, store):
     overrides, root = store
-    assert list(r1_run) == ["base", "eval_base", "cold_start_sft", "eval_cold_start_sft", "reasoning_grpo",
+    assert list(r1_run)[:-2] == ["base", "eval_base", "cold_start_sft", "eval_cold_start_sft", "reasoning_grpo",
                             "eval_reasoning_grpo", "rejection_sampling", "helpfulness_rm", "harmlessness_rm",
                             "merged_sft_alignment", "eval_final", "report"]
-    assert {state for _, state in r1_run.values()} == {"ran"}
+    assert {state for _, state in list(r1_run.values())[:-2]} == {"ran"}
     report_dir = root / "artifacts" / "report" / r1_run["report"][0]
     manifest = json.loads((report_dir / "manifest.json").read_text())
     assert manifest["kind"] == "report" and (report_dir / "report.md").exists()
@@ -74,13 +94,43 @@ def test_r1_recipe_runs_every_stage_and_ends_with_a_report(r1_run, store):
     assert code == 0 and "merged_sft_alignment" in out and ".png" in out, err[-2000:]
 
 
+def test_prefect_ui_shows_the_recipe_graph_plots_progress_and_tensorboard_curves(r1_run, store):
+    """What the Prefect UI reads, read through its API: each task waits on its real input stages; the report and the
+    stages embed their PNGs; cold_start_sft's progress artifact moved while it trained and ended at 100%; and the RL
+    stage's TensorBoard event files parse."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.plan import compose_config
+
+    overrides, root = store
+    recipe = compose_config(overrides).recipe.stages
+    run_id = r1_run["flow run"].id
+    with get_client(sync_client=True) as client:
+        tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
+        found = {a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
+    names = {t.id: name for name, t in tasks.items()}
+    upstream = {name: {names[i.id] for inputs in t.task_inputs.values() for i in inputs if i.input_type == "task_run"}
+                for name, t in tasks.items()}
+    assert upstream == {name: set((spec.get("inputs") or {}).values()) for name, spec in recipe.items()}
+    report = found["run-report"].data
+    assert report.count("](data:image/png;base64,") >= 2 and ".png)" not in report
+    for stage, plot in (("cold_start_sft", "loss.png"), ("reasoning_grpo", "rl_curves.png")):
+        assert f"![{plot}](data:image/png;base64," in found[stage.replace("_", "-")].data
+    assert found["progress-cold-start-sft"].data == 100.0
+    assert len({p for p in r1_run["progress seen"] if 0 < p < 100}) >= 2, r1_run["progress seen"]
+    assert "metrics-reasoning-grpo" in found and "reward" in found["metrics-reasoning-grpo"].data
+    grpo = root / "artifacts" / "reasoning_grpo" / r1_run["reasoning_grpo"][0] / "tensorboard"
+    board = EventAccumulator(str(next(grpo.rglob("events.out.tfevents.*")).parent)).Reload()
+    assert len(board.Scalars("train/reward")) >= 2
+
+
 def test_second_run_trains_nothing(r1_run, store):
     overrides, _ = store
     start = time.time()
     code, out, err = r1flow("run", *overrides)
     assert code == 0, err[-3000:]
     rows = summary_rows(out)
-    assert rows == {name: (version, "cached") for name, (version, _) in r1_run.items()}
+    assert rows == {name: (version, "cached") for name, (version, _) in list(r1_run.items())[:-2]}
     print(f"fully cached rerun: {time.time() - start:.1f} s")
 
 
@@ -140,6 +190,9 @@ def test_sigkill_during_grpo_then_rerun_resumes_from_checkpoint(store):
     assert code == 0, err[-3000:]
     rows = summary_rows(out)
     assert rows["base"][1] == "cached" and rows["reasoning_grpo"][1] == "ran"
+    with get_client(sync_client=True) as client:  # the next command marked the killed run Crashed
+        killed, rerun = flow_runs(client, overrides)[-2:]
+        assert killed.state.name == "Crashed" and rerun.state.name == "Completed"
     log = (root / "work" / "reasoning_grpo" / version_dir.name / "stage.log").read_text()
     assert "resuming from" in log and "checkpoint-" in log
     manifest = json.loads((root / "artifacts" / "reasoning_grpo" / version_dir.name / "manifest.json").read_text())

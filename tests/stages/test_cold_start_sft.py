@@ -11,11 +11,29 @@ from stages.shared import trainers
 from stages import cold_start_sft
 
 
-def test_trains_on_messages_and_saves_a_plain_checkpoint(smoke_base, tmp_path):
+def test_trains_on_messages_and_saves_a_plain_checkpoint(smoke_base, tmp_path, monkeypatch):
+    """... and, as every trainer does, reports to TensorBoard (run.report_to's default) into the artifact and writes
+    progress events with the loss for the orchestrator (pipeline/runner.py sets both variables)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("R1FLOW_EVENTS", str(tmp_path / "events.jsonl"))
+    monkeypatch.setenv("R1FLOW_RUN_NAME", "cold_start_sft-0123456789ab")
     cfg = compose_config(["size=smoke"]).cold_start_sft
+    assert cfg.hardware.report_to == "tensorboard"
     out = tmp_path / "out"
     out.mkdir()
     metrics = cold_start_sft.run(cfg, {"model": smoke_base}, out, tmp_path / "work")
+    event_files = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(event_files) == 1
+    board = EventAccumulator(str(event_files[0].parent)).Reload()
+    losses = board.Scalars("train/loss")
+    assert len(losses) >= 2 and [s.step for s in losses] == sorted(s.step for s in losses)
+    assert "cold_start_sft-0123456789ab" in board.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    training = [e for e in events if e["phase"] == "cold_start_sft training"]
+    assert training[-1]["step"] == training[-1]["total"] == metrics["global_step"]
+    logged = [e["metrics"]["loss"] for e in training if "loss" in e.get("metrics", {})]
+    assert logged == pytest.approx([s.value for s in losses], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)
     assert not (out / "adapter_config.json").exists()
