@@ -13,7 +13,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 UV_FLAGS   := --python $(PY) -c constraints.txt --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 HAS_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test test-fast pipeline stage status ui serve data clean-artifacts
+.PHONY: setup test test-fast pipeline stage status ui ui-shot serve data clean-artifacts
 
 setup: .venv/.installed .venv-ui/.installed
 
@@ -59,6 +59,10 @@ data: setup
 
 ui: setup
 	.venv-ui/bin/prefect server start --host 127.0.0.1 --port 4200
+
+# Screenshots of the UI (run graph, report, a stage's live progress) into ui-shots/, with headless Chromium.
+ui-shot: setup
+	$(PY) scripts/ui_shot.py $(ARGS)
 
 serve: setup
 	.venv/bin/r1flow serve $(ARGS)

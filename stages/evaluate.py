@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 
 from stages.shared import data
 from stages.shared.errors import UserError
+from stages.shared.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -364,15 +365,19 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                             max_model_len=max_model_len, revision=revision, trust_remote_code=trust,
                             planned_tokens=planned) as gen:
             log.info(f"evaluate: {len(todo)} shard(s) to generate with {gen.backend} "
-                  f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})")
+                     f"(k={k}, T={temperature}, top_p={top_p}, max_tokens={max_tokens})")
+            bar = Progress(sum(len(prompts[name][start:start + shard_size]) for name, start in todo), "generation",
+                           "evaluate", unit="question", lines=False)  # a line per shard below
             for name, start in todo:
                 batch = prompts[name][start:start + shard_size]
                 bench_seed = seed + zlib.crc32(name.encode()) % 1_000_003 * 1000 + start * k
                 samples = gen.generate(batch, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                        seed=bench_seed)
                 data.write_json(_shard_path(work_dir, name, start), {"backend": gen.backend, "samples": samples})
+                bar.update(len(batch))
                 log.info(f"evaluate: {name} questions {start}..{start + len(batch) - 1} done "
-                      f"({time.time() - t0:.1f} s)")
+                         f"({time.time() - t0:.1f} s)")
+            bar.close()
     gen_seconds = time.time() - t0
 
     equivalent = answers_equivalent if cfg.vote_equivalence else None

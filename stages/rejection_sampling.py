@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 from stages.shared import data
 from stages.shared.data import load_rows
 from stages.shared.errors import UserError
+from stages.shared.progress import Progress
 from stages.shared.templates import split_reasoning
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def generate_shards(gen, rows: list[Mapping], prompts: list[str], work_dir: Path
     starts = list(range(0, len(rows), shard_size))
     resumed = 0
     t0 = time.time()
+    bar = Progress(len(rows), "generation", "rejection sampling", unit="prompt", lines=False)  # the log lines say it
     for k, start in enumerate(starts):
         ids = [str(r["id"]) for r in rows[start:start + shard_size]]
         path = shard_dir / f"shard-{k:05d}.jsonl"
@@ -230,8 +232,10 @@ def generate_shards(gen, rows: list[Mapping], prompts: list[str], work_dir: Path
             data.write_jsonl(path, shard)
             state = "generated"
         out.extend(shard)
+        bar.update(len(shard))
         log.info("rejection sampling: shard %d/%d %s (%d/%d prompts, %.0f s)", k + 1, len(starts), state, len(out),
                  len(rows), time.time() - t0)
+    bar.close()
     return out, {"shards_total": len(starts), "shards_resumed": resumed, "shards_generated": len(starts) - resumed}
 
 

@@ -42,6 +42,7 @@ from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from stages.shared.errors import UserError
+from stages.shared.progress import Progress
 from stages.shared.templates import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -706,6 +707,9 @@ def _warn_bad_gold(gold: Any) -> None:
     )
 
 
+PROGRESS_BATCH = 1000  # verify_batch reports progress every this many answers, on batches at least this large
+
+
 def verify_batch(
     pairs: Iterable[tuple[Any, Any]],
     *,
@@ -725,7 +729,14 @@ def verify_batch(
     for text, gold in pairs:
         answer, kind = _pred_task(text, max_answer_chars)
         tasks.append((_gold_text(gold), answer, kind))
-    results = _check_tasks(tasks, timeout, parallel)
+    if len(tasks) < PROGRESS_BATCH:  # a GRPO step's rewards, a held-out check: quick
+        results = _check_tasks(tasks, timeout, parallel)
+    else:  # rejection sampling, evaluation: thousands of checks, in slices that report progress
+        results = []
+        with Progress(len(tasks), "verification", "verify answers", unit="answer") as bar:
+            for start in range(0, len(tasks), PROGRESS_BATCH):
+                results += _check_tasks(tasks[start:start + PROGRESS_BATCH], timeout, parallel)
+                bar.update(len(tasks[start:start + PROGRESS_BATCH]))
     for (_, gold), r in zip(pairs, results):
         if r is None and gold is not None:
             _warn_bad_gold(gold)
