@@ -37,6 +37,7 @@ from pipeline.plan import Stage, artifacts_root, compose_config, plan, work_root
 SHOWN_METRIC = re.compile(r"^(loss|reward|rewards/[^/]+/mean|completions/mean_length|kl|entropy|.*accuracy.*"
                           r"|learning_rate)$")
 EVENT_POLL_S = 1.0
+TABLE_ROWS = 100  # the live metrics table shows the newest log steps; the artifact's log_history.jsonl has them all
 
 
 def artifact_key(name: str) -> str:
@@ -157,9 +158,10 @@ def show_progress(stage: Stage, events: list[dict], watch: dict) -> None:
         update_progress_artifact(watch["artifact_id"], percent, description=description)
     if any(e.get("metrics") for e in events) and watch["rows"]:
         columns = sorted({k for row in watch["rows"] for k in row} - {"phase", "step"})
-        table = [{"phase": r["phase"], "step": r["step"], **{c: r.get(c) for c in columns}} for r in watch["rows"]]
+        table = [{"phase": r["phase"], "step": r["step"], **{c: r.get(c) for c in columns}}
+                 for r in watch["rows"][-TABLE_ROWS:]]
         create_table_artifact(table, key=f"metrics-{artifact_key(stage.name)}",
-                              description=f"{stage.name}@{stage.version}: metrics at each log step")
+                              description=f"{stage.name}@{stage.version}: metrics of the last {TABLE_ROWS} log steps")
 
 
 def show_bar(bar, stage: Stage, events: list[dict]) -> None:
@@ -238,7 +240,7 @@ def r1flow_pipeline(overrides: list[str] | None = None, only: str | None = None,
             stages = [s for s in stages if s.name == only]
         root, work = artifacts_root(cfg), work_root(cfg)
         run_cfg = OmegaConf.to_container(cfg.run)
-        runs = {}  # stage name -> its task's state (one at a time) or future (concurrent)
+        runs = {}  # stage name -> its task's future
         for stage in stages:
             task_fn = run_stage_task.with_options(name=stage.name, task_run_name=stage.name,
                                                   retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s)
