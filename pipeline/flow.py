@@ -24,6 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.context import get_run_context
 from prefect.futures import wait as wait_all
 from prefect.states import Completed
@@ -140,7 +142,7 @@ def progress_description(event: dict, phase_start: tuple[float, int]) -> str:
 
 def show_progress(stage: Stage, events: list[dict], watch: dict) -> None:
     """Create or update the stage's progress artifact with the newest event, and its metrics table with every log
-    step's metrics so far. `watch` carries the artifact id, phase start times and rows between calls."""
+    step's metrics so far. `watch` carries the artifacts' ids, phase start times and rows between calls."""
     if not events:
         return
     for event in events:
@@ -160,8 +162,13 @@ def show_progress(stage: Stage, events: list[dict], watch: dict) -> None:
         columns = sorted({k for row in watch["rows"] for k in row} - {"phase", "step"})
         table = [{"phase": r["phase"], "step": r["step"], **{c: r.get(c) for c in columns}}
                  for r in watch["rows"][-TABLE_ROWS:]]
-        create_table_artifact(table, key=f"metrics-{artifact_key(stage.name)}",
-                              description=f"{stage.name}@{stage.version}: metrics of the last {TABLE_ROWS} log steps")
+        if watch["table_id"] is None:
+            watch["table_id"] = create_table_artifact(
+                table, key=f"metrics-{artifact_key(stage.name)}",
+                description=f"{stage.name}@{stage.version}: metrics of the last {TABLE_ROWS} log steps")
+        else:  # in place, as the progress artifact: one table per stage run, not one per log step
+            with get_client(sync_client=True) as client:
+                client.update_artifact(watch["table_id"], ArtifactUpdate(data=json.dumps(table)))
 
 
 def show_bar(bar, stage: Stage, events: list[dict]) -> None:
@@ -177,7 +184,7 @@ def show_bar(bar, stage: Stage, events: list[dict]) -> None:
 def run_with_progress(stage: Stage, work: str, start, log) -> dict:
     """Run `start()` (the runner) in a worker thread while this task's thread follows the stage's events file."""
     path, since, offset = runner.events_path(work, stage), time.time(), 0
-    watch = {"artifact_id": None, "phase_start": {}, "rows": []}
+    watch = {"artifact_id": None, "table_id": None, "phase_start": {}, "rows": []}
     bar = tqdm(desc=stage.name, disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     with ThreadPoolExecutor(1, thread_name_prefix=f"stage-{stage.name}") as pool:
         future = pool.submit(start)

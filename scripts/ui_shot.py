@@ -76,6 +76,7 @@ def r1flow(*args: str, wait: bool = True):
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(argv[0]) if argv and "=" not in argv[0] else PROJECT / "ui-shots"
     overrides = RUN + [a for a in argv if "=" in a]
     out.mkdir(parents=True, exist_ok=True)

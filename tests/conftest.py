@@ -59,6 +59,12 @@ def prefect_server():
                 pytest.fail(f"the test Prefect server did not start:\n{(PREFECT_HOME / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
     yield PREFECT_API
+    if "prefect.logging.handlers" in sys.modules:  # send the last logs and events before the server goes
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=10)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Mapping
 
 import torch
@@ -38,7 +39,10 @@ def setup(cfg: Mapping) -> None:
     except ImportError:  # pragma: no cover
         pass
     from transformers import set_seed
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # "Loading weights" bars: carriage-return noise too, where no terminal draws them
+        hf_logging.disable_progress_bar()
     set_seed(int(cfg["seed"]))  # python, numpy, torch (and CUDA) in one place
 
 
