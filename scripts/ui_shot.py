@@ -9,7 +9,7 @@ catch a stage while it runs, and writes to ui-shots/ (or the folder given):
     progress.png  the progress artifact of cold_start_sft while it trains
     running.png   the flow run page at that moment
 
-    .venv/bin/python scripts/ui_shot.py [OUT_DIR] [overrides...]
+    .venv/bin/python scripts/ui_shot.py [OUT_DIR] [overrides...]     (make ui-shot ARGS="size=default")
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(argv[0]) if argv and "=" not in argv[0] else PROJECT / "ui-shots"
-    overrides = RUN + [a for a in argv if "=" in a]
+    given = [a for a in argv if "=" in a]  # e.g. size=default (a longer run, numbers worth a look) replaces size=smoke
+    overrides = [o for o in RUN if o.split("=")[0] not in {g.split("=")[0] for g in given}] + given
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(PROJECT / ".prefect"))
     os.environ.update(PREFECT_API_URL=f"{UI}/api", PREFECT_SERVER_ANALYTICS_ENABLED="false")
