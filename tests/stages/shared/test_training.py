@@ -18,12 +18,23 @@ def test_trainer_args_follow_the_hardware_node(tmp_path):
     args = trainers.trainer_args(SFTConfig, cfg, tmp_path, learning_rate=1e-3, warmup_ratio=0.1, max_steps=10)
     assert args.use_cpu and not args.bf16 and not args.fp16
     assert not args.gradient_checkpointing and not args.dataloader_pin_memory
-    assert args.optim == "adamw_torch" and args.disable_tqdm and args.report_to == []
+    assert args.optim == "adamw_torch" and args.disable_tqdm  # no terminal under pytest: lines, not a bar
+    assert args.report_to == ["tensorboard"]  # run.report_to's default
     assert args.save_steps == cfg.save_steps and args.logging_steps == cfg.logging_steps
     assert args.seed == cfg.seed and args.output_dir == str(tmp_path)
     assert args.warmup_steps == 0.1  # transformers 5: a ratio below 1
     with pytest.raises(UserError, match="no_such_knob"):
         trainers.trainer_args(SFTConfig, cfg, tmp_path, no_such_knob=1)
+
+
+def test_run_report_to_reaches_the_trainer_args(tmp_path, monkeypatch):
+    monkeypatch.setenv(trainers.RUN_NAME_ENV, "reasoning_grpo-0123456789ab")
+    for report_to, expected in (("none", []), ("[tensorboard,mlflow]", ["tensorboard", "mlflow"])):
+        cfg = compose_config([f"run.report_to={report_to}"]).reasoning_grpo
+        args = trainers.trainer_args(SFTConfig, cfg, tmp_path)
+        assert args.report_to == expected and args.run_name == "reasoning_grpo-0123456789ab"
+    with pytest.raises(UserError, match="run.report_to=.*'comet'.*unknown"):
+        trainers.trainer_args(SFTConfig, compose_config(["run.report_to=comet"]).reasoning_grpo, tmp_path)
 
 
 def test_gpu_hardware_gives_bf16_and_the_fused_optimizer(tmp_path):
