@@ -86,7 +86,7 @@ def test_status_names_what_changed_and_accept_keeps_the_artifact(tmp_path, capsy
     data = tmp_path / "rows.jsonl"
     data.write_text('{"q": 1}\n')
     overrides = toy(tmp_path) + [f"+toy.first.rows={data}"]
-    assert run_all(overrides) == {"first": "ran", "second": "ran", "third": "ran"}
+    assert run_all(overrides) == {"first": "ran", "second": "ran", "side": "ran", "third": "ran"}
     assert set(status(capsys, overrides).values()) == {"done"}
 
     s = status(capsys, overrides + ["toy.second.value=20"])
@@ -114,17 +114,17 @@ def test_status_names_what_changed_and_accept_keeps_the_artifact(tmp_path, capsy
     monkeypatch.setattr(plan_module, "PROJECT_ROOT", src)
     s = status(capsys, overrides)
     assert s["first"].startswith("stale") and f"code: {shared}" in s["first"]
-    assert f"code: {shared}" in s["third"] and "input: source" in s["third"]
+    assert f"code: {shared}" in s["third"] and "input: other, source" in s["third"]
 
     # Accepting needs the inputs' new versions first, then keeps every artifact without recomputing.
     code, _, err = cli(capsys, "accept", "second", *overrides)
     assert code == 2 and "run or accept first first" in err
-    old = {name: artifacts.latest(str(root), name) for name in ("first", "second", "third")}
-    code, out, _ = cli(capsys, "accept", "third", "first", "second", *overrides)
-    assert code == 0 and out.count("accepted") == 3
+    old = {name: artifacts.latest(str(root), name) for name in ("first", "second", "side", "third")}
+    code, out, _ = cli(capsys, "accept", "third", "first", "second", "side", *overrides)
+    assert code == 0 and out.count("accepted") == 4
     assert set(status(capsys, overrides).values()) == {"done"}
     planned = {s.name: s for s in plan(compose_config(overrides))}
-    for name in ("first", "second", "third"):
+    for name in ("first", "second", "side", "third"):
         new = planned[name].version
         m = artifacts.read_manifest(str(root), name, new)
         assert m["accepted"]["from"] == old[name] and m["accepted"]["by"] and m["accepted"]["at"]
@@ -137,7 +137,7 @@ def test_status_names_what_changed_and_accept_keeps_the_artifact(tmp_path, capsy
         artifacts.load(str(root), name, new)
         assert artifacts.latest(str(root), name) == new
     before = computed(trace)
-    assert run_all(overrides) == {"first": "cached", "second": "cached", "third": "cached"}
+    assert run_all(overrides) == {"first": "cached", "second": "cached", "side": "cached", "third": "cached"}
     assert computed(trace) == before
 
 
@@ -174,7 +174,7 @@ def test_damaged_files_show_in_status_and_fail_verify(tmp_path, capsys, store):
     v = {s.name: s.version for s in plan(compose_config(overrides))}
     fs.pipe_file(f"{base}/first/{v['first']}/value.txt", b"")          # truncated
     fs.rm_file(f"{base}/second/{v['second']}/value.txt")                # missing
-    fs.pipe_file(f"{base}/third/{v['third']}/value.txt", b"112")        # same size, other bytes
+    fs.pipe_file(f"{base}/third/{v['third']}/value.txt", b"2111")       # same size, other bytes
 
     s = status(capsys, overrides)
     assert s["first"].startswith("damaged") and "value.txt has 0 bytes, manifest says 1" in s["first"]
@@ -182,7 +182,7 @@ def test_damaged_files_show_in_status_and_fail_verify(tmp_path, capsys, store):
     assert s["third"] == "done"  # sizes cannot see this one; verify can
 
     code, out, _ = cli(capsys, "artifacts", "verify", *overrides)
-    assert code == 1 and "3 artifact(s) verified, 3 damaged" in out
+    assert code == 1 and "4 artifact(s) verified, 3 damaged" in out
     lines = {line.split()[1].split("@")[0]: line for line in out.splitlines() if line.startswith("DAMAGED")}
     assert "0 bytes" in lines["first"] and "missing" in lines["second"] and "sha256" in lines["third"]
     code, out, _ = cli(capsys, "artifacts", "verify", f"third@{v['third']}", *overrides)
@@ -235,7 +235,7 @@ def test_the_next_run_cleans_a_killed_runs_staging_and_spares_a_live_one(tmp_pat
     wait_for(lambda: (live_staging[0] / "partial.txt").exists(), "the live run to write")
 
     messages = []
-    assert run_all(overrides, log=messages.append) == {"first": "ran", "second": "ran", "third": "ran"}
+    assert run_all(overrides, log=messages.append) == {"first": "ran", "second": "ran", "side": "ran", "third": "ran"}
     assert not any(d.exists() for d in left)  # cleaned: its process is gone (the lease said so)
     assert any("taking over the lease" in m and "process is gone" in m for m in messages)
     assert any(f"removed {left[0]}" in m for m in messages)
@@ -254,11 +254,11 @@ def cli_run(overrides, **env) -> subprocess.Popen:
 
 def states(output: str) -> dict[str, str]:
     rows = [line.split() for line in output.splitlines()]
-    return {row[0]: row[2] for row in rows if len(row) == 5 and row[0] in ("first", "second", "third")}
+    return {row[0]: row[2] for row in rows if len(row) == 5 and row[0] in ("first", "second", "side", "third")}
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
-def test_two_r1flow_runs_on_one_store_compute_each_version_once(tmp_path, trace, scheme):
+def test_two_r1flow_runs_on_one_store_compute_each_version_once(tmp_path, trace, scheme, prefect_server):
     root = tmp_path / "artifacts"
     overrides = toy(tmp_path, root=f"{scheme}{root}")
     # each run starts Prefect's temporary server; two at once on 2 busy cores can take longer than its 20 s default
@@ -266,8 +266,8 @@ def test_two_r1flow_runs_on_one_store_compute_each_version_once(tmp_path, trace,
     runs = [cli_run(overrides, **env) for _ in range(2)]
     outputs = [run.communicate()[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
-    assert computed(trace) == [1, 10, 100]  # each version computed once, by one of the two
-    for name in ("first", "second", "third"):
+    assert computed(trace) == [1, 10, 100, 1000]  # each version computed once, by one of the two
+    for name in ("first", "second", "side", "third"):
         assert sorted(states(out)[name] for out in outputs) == ["cached", "ran"], outputs
         assert len(artifacts.list_versions(str(root), name)) == 1
         assert not list((root / name).glob(".*"))  # no staging dir, no lease left behind
@@ -279,7 +279,7 @@ def test_different_versions_run_side_by_side(tmp_path, trace):
     slow = start_run_all(toy(tmp_path), R1FLOW_TOY_SLEEP_S="600")
     wait_for(lambda: any((d / "partial.txt").exists() for d in staging_of(root, "first")), "the slow run to start")
     # another version of every stage runs to the end while the slow one holds first@<its version>
-    assert run_all(toy(tmp_path) + ["toy.first.value=2"]) == {"first": "ran", "second": "ran", "third": "ran"}
+    assert run_all(toy(tmp_path) + ["toy.first.value=2"]) == {"first": "ran", "second": "ran", "side": "ran", "third": "ran"}
     assert slow.poll() is None
     slow.kill()
     slow.wait()
@@ -308,8 +308,8 @@ def test_memory_store_shared_by_two_orchestrators_computes_once(tmp_path, trace,
     for t in threads:
         t.join()
     assert errors == []
-    assert computed(trace) == [1, 10, 100]
-    for name in ("first", "second", "third"):
+    assert computed(trace) == [1, 10, 100, 1000]
+    for name in ("first", "second", "side", "third"):
         assert sorted(r[name] for r in results) == ["cached", "ran"]
         assert len(artifacts.list_versions(url, name)) == 1
     fs, base = fsspec.core.url_to_fs(url)
@@ -377,8 +377,8 @@ def test_upstream_timings_reach_a_stage_through_its_inputs_manifests_on_a_remote
     d = artifacts.load(url, "third", third)
     assert sorted(p.name for p in cache.iterdir()) == ["third"]
     times = report.ancestry({"source": d})
-    assert [t["name"] for t in times] == ["first", "second", "third"]
+    assert sorted(t["name"] for t in times) == ["first", "second", "side", "third"]
     assert all(isinstance(t["seconds"], float) and t["seconds"] > 0 for t in times)
-    assert times[0]["version"] == artifacts.latest(url, "first")
+    assert next(t for t in times if t["name"] == "first")["version"] == artifacts.latest(url, "first")
     fs, base = fsspec.core.url_to_fs(url)
     fs.rm(base, recursive=True)
