@@ -1,16 +1,18 @@
-"""Throughput of the accuracy reward (extract + math-verify): completions verified per second, parallel path on/off.
+"""Throughput of the accuracy reward (extract + math-verify): completions verified per second.
 
     .venv/bin/python benchmarks/bench_rewards.py [--n 2000] [--runs 3] [--batch 0] [--workers N]
 
 Each run scores fresh, distinct completions (new random answers, caches cleared), so neither our result cache nor
 math-verify's parse caches help; half are correct in another form (0.5 vs 1/2, 1,000 vs 1000, ...), half are wrong.
-"off": inline on the main thread (``verify_parallel=False``); "on": the persistent worker pool
-(``verify_parallel=True``). ``--batch 64`` splits the completions into TRL-sized calls. Prints the median of the runs.
+"serial": `check_answer` in a loop in this process (math-verify's own cost, no time bound, no pool); "pool":
+`accuracy_reward` through the bounded verification pool (conf/config.yaml `verification`, `--workers` overriding).
+``--batch 64`` splits the completions into TRL-sized calls. Prints the median of the runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import statistics
@@ -21,7 +23,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.plan import compose_config  # noqa: E402
 from stages.shared import rewards  # noqa: E402
+from stages.shared.rewards import accuracy, verification  # noqa: E402
+from stages.shared.templates import extract_answer_with_kind  # noqa: E402
 
 
 def make_batch(n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -48,18 +53,31 @@ def make_batch(n: int, seed: int) -> tuple[list[str], list[str]]:
     return completions, golds
 
 
-def one_run(n: int, seed: int, parallel: bool, batch: int) -> float:
+def serial_check(text: str, gold: str, settings: dict) -> float | None:
+    pred, kind = extract_answer_with_kind(text)
+    try:
+        verdict = accuracy.check_answer(gold, pred, kind, settings["math_verify_timeout_s"])
+    except TimeoutError:  # math-verify's own alarm (a busy machine): "cannot tell", as in the pool
+        return None
+    return float(verdict)
+
+
+def one_run(n: int, seed: int, mode: str, batch: int, settings: dict) -> tuple[float, int]:
+    """(completions per second, checks that did not finish)."""
     completions, golds = make_batch(n, seed)
-    rewards.clear_verify_cache()
+    accuracy.clear_cache()
     step = batch or n
     start = time.perf_counter()
     scores = []
     for i in range(0, n, step):
-        scores += rewards.accuracy_reward(completions[i : i + step], answer=golds[i : i + step],
-                                          verify_parallel=parallel)
+        texts, answers = completions[i : i + step], golds[i : i + step]
+        if mode == "serial":
+            scores += [serial_check(text, gold, settings) for text, gold in zip(texts, answers)]
+        else:
+            scores += rewards.accuracy_reward(texts, answer=answers, verification=settings)
     elapsed = time.perf_counter() - start
-    assert len(scores) == n and all(s in (0.0, 1.0) for s in scores), "unexpected scores"
-    return n / elapsed
+    assert len(scores) == n and all(s in (0.0, 1.0, None) for s in scores), "unexpected scores"
+    return n / elapsed, scores.count(None)
 
 
 def main() -> None:
@@ -67,27 +85,27 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="completions per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=0, help="completions per reward call (0: all in one call)")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: R1FLOW_VERIFY_WORKERS or "
-                                                                 "min(4, CPUs))")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default: verification.workers)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    settings = dict(compose_config([]).verification)
     if args.workers:
-        os.environ["R1FLOW_VERIFY_WORKERS"] = str(args.workers)
-    rewards.start_verifier_pool()
-    pool = rewards.get_verifier_pool()
-    one_run(50, 999, False, 0)  # warm up math-verify in this process
-    one_run(50, 998, True, 0)  # and the workers
+        settings["workers"] = args.workers
+    one_run(50, 999, "serial", 0, settings)  # warm up math-verify in this process
+    one_run(50, 998, "pool", 0, settings)  # and the workers
+    workers = verification.worker_count(verification.settings(settings))
     print(f"accuracy_reward throughput: {args.n} completions per run, median of {args.runs}, "
-          f"batch {args.batch or args.n}, {pool.size} worker(s), {os.cpu_count()} CPU(s), "
-          f"timeout {rewards._timeout_value(None)} s")
+          f"batch {args.batch or args.n}, {workers} worker(s), {os.cpu_count()} CPU(s), "
+          f"timeout {settings['timeout_s']} s")
     results = {}
-    for label, parallel in (("off (inline)", False), ("on (pool)", True)):
-        rates = [one_run(args.n, 1000 * run + (1 if parallel else 0), parallel, args.batch) for run in range(args.runs)]
-        results[label] = statistics.median(rates)
-        print(f"  parallel {label:13s} {results[label]:8.0f} completions/s   runs: "
-              + ", ".join(f"{r:.0f}" for r in rates), flush=True)
-    off, on = results["off (inline)"], results["on (pool)"]
-    print(f"  speed-up {on / off:.2f}x; stats {rewards.verifier_stats()}")
-    rewards.shutdown_verifier_pool()
+    for mode in ("serial", "pool"):
+        runs = [one_run(args.n, 1000 * run + (mode == "pool"), mode, args.batch, settings) for run in range(args.runs)]
+        rates = [rate for rate, _ in runs]
+        results[mode] = statistics.median(rates)
+        print(f"  {mode:7s} {results[mode]:8.0f} completions/s   runs: " + ", ".join(f"{r:.0f}" for r in rates)
+              + f"   unfinished checks (None): {sum(u for _, u in runs)}", flush=True)
+    print(f"  pool / serial {results['pool'] / results['serial']:.2f}x; stats {rewards.verifier_stats()}")
+    verification.shutdown()
 
 
 if __name__ == "__main__":

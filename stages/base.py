@@ -101,7 +101,7 @@ def _heldout(cfg, model, tokenizer) -> dict:
     rows = heldout.eval_rows(cfg.eval_file, n, name="base.eval_file")
     out = {}
     for template in cfg.eval_templates:
-        result = heldout.check(model, tokenizer, rows, template=template, max_new_tokens=int(cfg.eval_max_new_tokens),
-                               label="base")
+        result = heldout.check(model, tokenizer, rows, template=template, verification=cfg.verification,
+                               max_new_tokens=int(cfg.eval_max_new_tokens), label="base")
         out.update(heldout.eval_metrics(f"eval_{template}", result))
     return out

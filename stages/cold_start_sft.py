@@ -74,5 +74,5 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
 
 
 def _heldout(model, tokenizer, rows, cfg, template, label) -> dict:
-    return heldout.check(model, tokenizer, rows, template=template, max_new_tokens=int(cfg.eval_max_new_tokens),
-                         label=label)
+    return heldout.check(model, tokenizer, rows, template=template, verification=cfg.verification,
+                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label)

@@ -40,5 +40,5 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
 
 def _check(model, tokenizer, cfg, label: str) -> dict:
     rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="distill.eval_file")
-    return heldout.check(model, tokenizer, rows, template=str(cfg.template), max_new_tokens=int(cfg.eval_max_new_tokens),
-                         label=label)
+    return heldout.check(model, tokenizer, rows, template=str(cfg.template), verification=cfg.verification,
+                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label)

@@ -14,9 +14,10 @@ Per question, from its k samples:
 Majority vote, defined so that it is deterministic and testable (`majority_vote`):
 1. A sample without an extracted answer (None / empty: unparseable, truncated, no box) casts no vote. A question
    whose k samples are all unparseable has no majority answer and counts as wrong.
-2. Answers are grouped by a canonical key (`canonical_answer`: whitespace, `$`, `\\left`/`\\right`, `\\dfrac`,
-   `\\text{}`, a trailing period removed; numbers -- integers, decimals, `a/b`, `\\frac{a}{b}` -- reduced to an exact
-   fraction, so `0.5`, `1/2` and `\\frac{1}{2}` are one answer). Optionally (`vote_equivalence`, default on) a new
+2. Answers are grouped by a canonical key (`canonical_answer` of stages/shared/rewards/accuracy.py, the one answer
+   normaliser: whitespace, `$`, `\\left`/`\\right`, `\\dfrac`, `\\text{}`, a trailing period removed; numbers --
+   integers, decimals, `a/b`, `\\frac{a}{b}` -- reduced to an exact fraction, so `0.5`, `1/2` and `\\frac{1}{2}` are
+   one answer). Optionally (`vote_equivalence`, default on) a new
    non-numeric answer also joins the first earlier group whose representative math-verify calls equal.
 3. The group with the most votes wins; a tie goes to the group whose first vote came earliest in sample order (sample
    order is fixed by the seed). cons@k is correct iff the winning group's first sample is correct.
@@ -43,13 +44,14 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
-from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from stages.shared import data
 from stages.shared.errors import UserError
 from stages.shared.progress import Progress
+from stages.shared.rewards import canonical_answer, verification_metrics, verifier_stats
 
 log = logging.getLogger(__name__)
 
@@ -68,59 +70,6 @@ def pass_at_1(correct: Sequence[Any]) -> float:
     if not correct:
         return 0.0
     return sum(1 for c in correct if c is True or c == 1) / len(correct)
-
-
-_WRAPPERS = re.compile(r"^\\(?:boxed|fbox|text|textbf|mathrm|mbox)\s*\{(.*)\}$", re.DOTALL)
-_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
-_FRAC = re.compile(r"^([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}$")
-_SLASH = re.compile(r"^([+-]?\d+)/([+-]?\d+)$")
-
-
-def _number(s: str) -> Fraction | None:
-    s = s.replace("{,}", "").replace("\\!", "")
-    if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", s):  # 1,000 -> 1000
-        s = s.replace(",", "")
-    try:
-        if _NUMBER.match(s):
-            return Fraction(s)
-        m = _SLASH.match(s)
-        if m and int(m.group(2)) != 0:
-            return Fraction(int(m.group(1)), int(m.group(2)))
-        m = _FRAC.match(s)
-        if m and int(m.group(3)) != 0:
-            value = Fraction(int(m.group(2)), int(m.group(3)))
-            return -value if m.group(1) == "-" else value
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
-    return None
-
-
-def canonical_answer(answer: Any) -> str | None:
-    """A string key under which equal-looking answers vote together; None when there is no answer.
-
-    Strips `$`, whitespace, `\\left`/`\\right`, `\\!`/`\\,`, a trailing period, wrapping `\\boxed{}`/`\\text{}`; maps
-    `\\dfrac`/`\\tfrac` to `\\frac`; numbers (integers, decimals, `a/b`, `\\frac{a}{b}`) become `num:<p>/<q>`.
-    """
-    if answer is None:
-        return None
-    s = str(answer).strip()
-    if not s:
-        return None
-    s = s.strip("$").strip()
-    for _ in range(3):  # nested wrappers: \boxed{\text{5}}
-        m = _WRAPPERS.match(s)
-        if not m:
-            break
-        s = m.group(1).strip()
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\\[,!;: ]", "", s)
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    if not s:
-        return None
-    value = _number(s)
-    if value is not None:
-        return f"num:{value.numerator}/{value.denominator}"
-    return s
 
 
 @dataclass(frozen=True)
@@ -199,7 +148,7 @@ def summarize(records: Sequence[dict]) -> dict:
         "answered_rate": _mean([0.0 if a is None else 1.0 for a in flat("answers")]),
         "n_questions": len(records),
         "n_samples": len(samples),
-        "gold_unparseable": sum(1 for r in records if not r.get("gold_parses", True)),
+        "unverified_samples": sum(r["unverified"] for r in records),
     }
 
 
@@ -250,25 +199,19 @@ def benchmark_specs(cfg) -> dict[str, Any]:
 # Scoring with the rewards module
 
 
-def _rewards():
-    from stages.shared import rewards
-
-    return rewards
-
-
 def score_samples(texts: Sequence[Sequence[str]], golds: Sequence[str], *, template: str,
-                  languages: Sequence[str], think_prefilled: bool = False) -> list[dict]:
+                  languages: Sequence[str], verification, think_prefilled: bool = False) -> list[dict]:
     """For each question (its k sample texts, gold answer, target language): the extracted answers, correctness,
-    format flags and language scores, through the rewards module -- `verify_batch` (math-verify, time-bounded; None =
-    the gold answer does not parse: scored wrong and flagged), `format_reward` for the template,
+    format flags and language scores, through the rewards module -- `verify_batch` (math-verify in the bounded pool
+    set by `verification`; None = it cannot tell: the gold answer is prose or does not parse, or the check did not
+    finish: scored wrong and counted as `unverified`), `format_reward` for the template,
     `language_consistency_reward` (the reasoning part). One batched call each for all questions given."""
-    from stages.shared import templates
+    from stages.shared import rewards, templates
 
-    rewards = _rewards()
     flat = [t for ts in texts for t in ts]
     flat_gold = [g for ts, g in zip(texts, golds) for _ in ts]
     flat_lang = [lang for ts, lang in zip(texts, languages) for _ in ts]
-    verdicts = rewards.verify_batch(list(zip(flat, flat_gold))) if flat else []
+    verdicts = rewards.verify_batch(list(zip(flat, flat_gold)), verification) if flat else []
     formatted = rewards.format_reward(flat, template=template, think_prefilled=think_prefilled) if flat else []
     lang = rewards.language_consistency_reward(flat, language=flat_lang) if flat else []
     out, i = [], 0
@@ -280,15 +223,17 @@ def score_samples(texts: Sequence[Sequence[str]], golds: Sequence[str], *, templ
             "formatted": [float(f or 0.0) >= 1.0 for f in formatted[i:j]],
             "language_consistency": [float(v) if v is not None and math.isfinite(float(v)) else 0.0
                                      for v in lang[i:j]],
-            "gold_parses": not any(v is None for v in verdicts[i:j]),
+            "unverified": sum(v is None for v in verdicts[i:j]),
         })
         i = j
     return out
 
 
-def answers_equivalent(a: str, b: str) -> bool:
+def answers_equivalent(a: str, b: str, verification) -> bool:
     """Whether two extracted answers are mathematically equal (the rewards module's verifier, `b` as the gold)."""
-    return _rewards().verify(f"\\boxed{{{a}}}", b) is True
+    from stages.shared import rewards
+
+    return rewards.verify(f"\\boxed{{{a}}}", b, verification) is True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,7 +325,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
             bar.close()
     gen_seconds = time.time() - t0
 
-    equivalent = answers_equivalent if cfg.vote_equivalence else None
+    verified_before = verifier_stats()
+    equivalent = partial(answers_equivalent, verification=cfg.verification) if cfg.vote_equivalence else None
     keep_texts = int(cfg.keep_texts)
     summary: dict[str, dict] = {}
     with open(Path(output_dir) / RECORDS, "w", encoding="utf-8") as out:
@@ -393,7 +339,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 langs = [row.get("language") or language for row in shard_rows]
                 scored = score_samples([[s["text"] for s in samples] for samples in shard["samples"]],
                                        [row["answer"] for row in shard_rows], template=template, languages=langs,
-                                       think_prefilled=bool(cfg.think_prefilled))
+                                       verification=cfg.verification, think_prefilled=bool(cfg.think_prefilled))
                 for row, samples, scores, lang in zip(shard_rows, shard["samples"], scored, langs):
                     texts = [s["text"] for s in samples]
                     cons_ok, vote = cons_at_k(scores["answers"], scores["correct"], equivalent)
@@ -421,7 +367,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         "model": {"source": source if revision is None else f"{source}@{revision}"},
         "generation_seconds": round(gen_seconds, 2),
     })
-    return metrics_from_summary(summary, k=k, backend=backend)
+    return {**metrics_from_summary(summary, k=k, backend=backend), **verification_metrics(verified_before)}
 
 
 def metrics_from_summary(summary: dict[str, dict], *, k: int, backend: str) -> dict:

@@ -76,7 +76,8 @@ def reward_functions(acfg, rms: dict, *, from_step: int):
     if missing:
         raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
     funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),
-                                                           language=acfg.language)
+                                                           language=acfg.language,
+                                                           verification=acfg.verification)
     return [ForKind(f, GENERAL if f.__name__ in extra else REASONING) for f in funcs], reward_weights
 
 
@@ -157,7 +158,7 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
     out = {}
     if eval_rows:
         result = heldout.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
-                                   max_new_tokens=int(cfg.eval_max_new_tokens))
+                                   verification=cfg.verification, max_new_tokens=int(cfg.eval_max_new_tokens))
         out.update({k: v for k, v in result.items() if k != "samples"})
     out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, cfg).items()})
     log.info(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
@@ -171,7 +172,7 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
 def _node(cfg, part: str):
     """cfg.<part> with the stage-level seed, hardware and language pulled in (what trainers.* and TRL configs read)."""
     node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
-    for key in ("seed", "hardware", "language", "template"):
+    for key in ("seed", "hardware", "verification", "language", "template"):
         node[key] = cfg[key]
     return OmegaConf.create(node)
 
@@ -208,9 +209,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
                         "not from the RL checkpoint); see conf/recipe/r1.yaml")
     from trl import GRPOTrainer
 
-    from stages.shared import plots
+    from stages.shared import plots, rewards
 
     hardware.setup(cfg)
+    verified_before = rewards.verifier_stats()
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     acfg = _node(cfg, "alignment")
     trainers.check_vllm(acfg)
@@ -244,7 +246,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     extra = []
     if eval_rows and int(acfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
-                                                  every=int(acfg.eval_steps),
+                                                  verification=cfg.verification, every=int(acfg.eval_steps),
                                                   max_new_tokens=int(cfg.eval_max_new_tokens)))
     with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
         trainer = trainers.build_trainer(GRPOTrainer, name="alignment", callbacks=[*extra, *(callbacks or [])],
@@ -263,4 +265,5 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     for key in ("accuracy", *(f"rm_{n}" for n in rms)):
         if key in before and key in after:
             metrics[f"delta_{key}"] = after[key] - before[key]
+    metrics.update(rewards.verification_metrics(verified_before))
     return logs.clean_metrics(metrics)

@@ -64,7 +64,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     dataset = build_dataset(cfg)
     weights = {str(k): float(v) for k, v in dict(cfg.rewards).items()}
     funcs, reward_weights = rewards.build_reward_functions(weights, template=cfg.template,
-                                                           language=cfg.language)
+                                                           language=cfg.language,
+                                                           verification=cfg.verification)
+    verified_before = rewards.verifier_stats()
     ckpt = Path(work_dir) / trainers.CHECKPOINT_DIR
     args = trainers.grpo_args(cfg, ckpt, list(reward_weights), revision)
     log.info(f"reasoning_grpo: {len(dataset)} prompts, template {cfg.template}, rewards {weights}, "
@@ -79,7 +81,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     extra = []
     if rows and int(cfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, rows, template=cfg.template,
-                                                  every=int(cfg.eval_steps), max_new_tokens=eval_new))
+                                                  verification=cfg.verification, every=int(cfg.eval_steps),
+                                                  max_new_tokens=eval_new))
     with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
         trainer = trainers.build_trainer(GRPOTrainer, name="reasoning_grpo", callbacks=[*extra, *(callbacks or [])],
                                          model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
@@ -101,8 +104,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
                         if k.startswith("heldout/")})
         metrics.update({f"eval_{k.split('/')[1]}": v for k, v in checks[-1].items() if k.startswith("heldout/")})
     elif rows:
-        result = heldout.evaluate(trainer.model, tokenizer, rows, template=cfg.template, max_new_tokens=eval_new)
+        result = heldout.evaluate(trainer.model, tokenizer, rows, template=cfg.template,
+                                  verification=cfg.verification, max_new_tokens=eval_new)
         metrics.update(heldout.eval_metrics("eval", result))
+    metrics.update(rewards.verification_metrics(verified_before))
     if "eval_accuracy" in metrics:
         log.info(f"reasoning_grpo: held-out accuracy {metrics.get('first_heldout_accuracy', float('nan')):.3f} -> "
               f"{metrics['eval_accuracy']:.3f}, format {metrics.get('first_heldout_format_rate', float('nan')):.3f} "

@@ -32,6 +32,7 @@ from stages.shared import data
 from stages.shared.data import load_rows
 from stages.shared.errors import UserError
 from stages.shared.progress import Progress
+from stages.shared.rewards import repetition_score, verification_metrics, verifier_stats
 from stages.shared.templates import split_reasoning
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def is_truncated(sample: Mapping) -> bool:
 
 
 def well_formed(text: str, template: str = "r1", think_prefilled: bool = False) -> bool:
-    """The format reward's definition (stages/rewards.is_well_formed): one ordered, non-empty think block, then a
+    """The format reward's definition (stages/shared/rewards/format.py): one ordered, non-empty think block, then a
     non-empty summary (r1) or `<answer>...</answer>` (r1_zero)."""
     from stages.shared.rewards import is_well_formed
 
@@ -78,15 +79,6 @@ def has_code_block(text: str) -> bool:
     return "```" in text
 
 
-def repeated_ngram_share(text: str, n: int = 4) -> float:
-    """Share of word n-grams that repeat an earlier one (0: none; -> 1: one phrase over and over)."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
-
-
 def dedup_key(text: str) -> str:
     return " ".join(text.split()).lower()
 
@@ -97,11 +89,12 @@ def canonical_response(text: str) -> str:
     return f"<think>\n{reasoning}\n</think>\n{summary}"
 
 
-def correctness_verdicts(pairs: list[tuple[str, Any]]) -> list[bool | None]:
-    """Rule-based check of (response text, gold answer) pairs: True / False / None (no gold, or it does not parse)."""
+def correctness_verdicts(pairs: list[tuple[str, Any]], verification) -> list[bool | None]:
+    """Rule-based check of (response text, gold answer) pairs: True / False / None (no gold, prose or unparseable,
+    or the check did not finish in time). `verification`: the stage's `verification` config node."""
     from stages.shared.rewards import verify_batch
 
-    return verify_batch(pairs) if pairs else []
+    return verify_batch(pairs, verification) if pairs else []
 
 
 def _language_share(reasoning: str, language: str) -> float:
@@ -134,7 +127,7 @@ def sample_reason(sample: Mapping, filters: Mapping, *, verdict: bool | None, la
     if filters["code_blocks"] and kind != "code" and has_code_block(text):
         return "code_block"
     max_rep = filters["max_repeated_ngram_share"]
-    if max_rep is not None and repeated_ngram_share(reasoning) > float(max_rep):
+    if max_rep is not None and repetition_score(reasoning, ngram_size=4) > float(max_rep):
         return "repetition"
     return None
 
@@ -329,7 +322,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                          engine_start_s=round(gen.startup_seconds, 2))
 
     # correctness verdicts (rule-based), then the judge for what the rules cannot check
-    flat = correctness_verdicts([(s["text"], row["answer"]) for row, res in zip(rows, results) for s in res["samples"]])
+    verified_before = verifier_stats()
+    flat = correctness_verdicts([(s["text"], row["answer"]) for row, res in zip(rows, results) for s in res["samples"]],
+                                cfg["verification"])
     verdicts, k = [], 0
     for res in results:
         verdicts.append(flat[k:k + len(res["samples"])])
@@ -407,6 +402,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         "judge_calls": judge_calls,
         **{f"dropped_{r}": counts.get(r, 0) for r in REASONS},
         **gen_stats,
+        **verification_metrics(verified_before),
         "gen_tokens_per_s": round(tokens / gen_stats["gen_seconds"], 1) if gen_stats["gen_seconds"] > 0 else 0.0,
     }
     log.info("rejection sampling: accepted %d of %d samples (%.1f%%), %d general rows, %d rows in train.jsonl",

@@ -10,7 +10,8 @@
 - `data`: reading data files (JSONL, parquet, hub) with column mappings; the one atomic writer
 - `templates`: the R1 and R1-Zero prompt formats, answer extraction
 - `reward_models`: loading and scoring with reward models (helpfulness on the summary, harmlessness on the whole)
-- `rewards/`: the rule rewards (accuracy, format, language consistency, guards) and their registry
+- `rewards/`: the rule rewards (accuracy, format, language consistency, guards), their registry, and the bounded
+  verification pool (pebble) that answer checks run in, set by the `verification` node of conf/config.yaml
 - `plots`: the PNG figures (RL curves, loss, the report's charts)
 - `errors`: `UserError`, the bad-input error the CLI turns into exit code 2
 

@@ -31,12 +31,14 @@ def prompt_ids(tokenizer, question: str, template: str) -> list[int]:
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
-def evaluate(model, tokenizer, rows: list[dict], *, template: str, num_samples: int = 1, temperature: float = 0.0,
-             top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256, keep_samples: int = 0) -> dict:
+def evaluate(model, tokenizer, rows: list[dict], *, template: str, verification, num_samples: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
+             keep_samples: int = 0) -> dict:
     """Held-out check on rows ({prompt, answer}): k completions per question (greedy for temperature 0).
 
     accuracy: share of completions whose final answer (\\boxed{} or <answer>, stages.shared.templates.extract_answer)
-    verifies against the gold answer (rewards.verify_batch) -- what the accuracy reward pays; format_rate: share the
+    verifies against the gold answer (rewards.verify_batch with `verification`, the stage's config node) -- what the
+    accuracy reward pays (a check that cannot tell counts as not correct); format_rate: share the
     RL stage's format reward scores 1; strict_accuracy: both; lenient_accuracy: also counts a bare last number equal
     to the gold answer (how often a model that never learnt the format is right); mean_length: completion tokens.
     """
@@ -47,7 +49,7 @@ def evaluate(model, tokenizer, rows: list[dict], *, template: str, num_samples: 
     outs = generation.hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     batch_size=batch_size)
     texts = [o["text"] for o in outs]
-    correct = [bool(v) for v in rewards.verify_batch(list(zip(texts, golds)))]
+    correct = [v is True for v in rewards.verify_batch(list(zip(texts, golds)), verification)]
     formatted = [v >= 1.0 for v in rewards.format_reward(texts, template=template)]
     lenient = []
     for text, gold, ok in zip(texts, golds, correct):
@@ -90,13 +92,13 @@ def eval_metrics(prefix: str, result: dict) -> dict:
 class HeldoutEvalCallback(TrainerCallback):
     """Held-out accuracy every `every` steps (and at step 0), appended to the log history as heldout/* entries."""
 
-    def __init__(self, tokenizer, rows: list[dict], *, template: str, every: int, max_new_tokens: int,
+    def __init__(self, tokenizer, rows: list[dict], *, template: str, verification, every: int, max_new_tokens: int,
                  batch_size: int = 256):
-        self.tokenizer, self.rows, self.template = tokenizer, rows, template
+        self.tokenizer, self.rows, self.template, self.verification = tokenizer, rows, template, verification
         self.every, self.max_new_tokens, self.batch_size = every, max_new_tokens, batch_size
 
     def _run(self, state, model):
-        result = evaluate(model, self.tokenizer, self.rows, template=self.template,
+        result = evaluate(model, self.tokenizer, self.rows, template=self.template, verification=self.verification,
                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         entry = {f"heldout/{k}": v for k, v in result.items() if k != "samples"}
         entry["step"] = state.global_step
@@ -115,10 +117,12 @@ class HeldoutEvalCallback(TrainerCallback):
             self._run(state, model)
 
 
-def check(model, tokenizer, rows: list[dict], *, template: str, max_new_tokens: int, label: str) -> dict:
+def check(model, tokenizer, rows: list[dict], *, template: str, verification, max_new_tokens: int,
+          label: str) -> dict:
     """Greedy held-out accuracy / format rate / length on `rows`, logged with two sample completions: the before/after
     check of the stages that train."""
-    result = evaluate(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens, keep_samples=2)
+    result = evaluate(model, tokenizer, rows, template=template, verification=verification,
+                      max_new_tokens=max_new_tokens, keep_samples=2)
     for s in result.pop("samples", []):
         log.info("  %r -> %r (gold %s)", s["prompt"], s["completion"], s["gold"])
     log.info("held-out %s [%s]: accuracy=%.3f format=%.3f len=%.1f", label, template, result["accuracy"],

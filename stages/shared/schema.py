@@ -66,6 +66,18 @@ class HardwareConfig:
 
 
 @dataclass
+class VerificationConfig:
+    """The `verification` node of conf/config.yaml: the bounded pool answer checks run in
+    (stages/shared/rewards/verification.py)."""
+    timeout_s: float = MISSING
+    math_verify_timeout_s: int = MISSING
+    retries: int = MISSING
+    workers: Optional[int] = MISSING
+    memory_mb: int = MISSING
+    max_answer_chars: Optional[int] = MISSING
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     language: str = MISSING
@@ -152,6 +164,7 @@ class BaseConfig:
     model: ModelConfig = MISSING
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     corpus: Optional[str] = MISSING
     eval_file: Any = MISSING
     max_steps: int = MISSING
@@ -184,6 +197,7 @@ class ColdStartSftLoraConfig:
 class ColdStartSftConfig(SftKnobs):
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     train_file: Any = MISSING
     eval_file: Any = MISSING
     template: str = MISSING
@@ -197,6 +211,7 @@ class ColdStartSftConfig(SftKnobs):
 class ReasoningGrpoConfig(GrpoKnobs):
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     train_file: Any = MISSING
     eval_file: Any = MISSING
     template: str = MISSING
@@ -232,6 +247,7 @@ class RejectionSamplingMergeConfig:
 class RejectionSamplingConfig:
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     prompts_file: Any = MISSING
     general_sft_file: Any = MISSING
     template: str = MISSING
@@ -295,6 +311,7 @@ class MergedSftAlignmentAlignmentConfig(GrpoKnobs):
 class MergedSftAlignmentConfig:
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     language: str = MISSING
     template: str = MISSING
     eval_file: Any = MISSING
@@ -311,6 +328,7 @@ class DistillConfig(SftKnobs):
     student_base: BaseConfig = MISSING
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     eval_file: Any = MISSING
     template: str = MISSING
     eval_samples: int = MISSING
@@ -321,6 +339,7 @@ class DistillConfig(SftKnobs):
 class EvaluateConfig:
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
     eval_file: Any = MISSING
     benchmarks: Dict[str, Any] = MISSING
     template: str = MISSING

@@ -31,7 +31,8 @@ def test_r1_zero_uses_its_template_and_starts_grpo_from_base(tmp_path):
     from stages.shared import rewards
 
     weights = {k: float(v) for k, v in stages["reasoning_grpo"].config["rewards"].items()}
-    funcs, _ = rewards.build_reward_functions(weights, template="r1_zero")
+    funcs, _ = rewards.build_reward_functions(weights, template="r1_zero",
+                                              verification=stages["reasoning_grpo"].config["verification"])
     assert sorted(f.__name__ for f in funcs) == ["accuracy", "format"]
 
 

@@ -110,6 +110,8 @@ def test_smoke_run_with_paper_objective_then_crash_and_resume(smoke_base, tmp_pa
                 "eval_format_rate"):
         assert math.isfinite(metrics[key]), key
     assert (out / "rl_curves.png").stat().st_size > 5000
+    # the answer checks of this run, counted by the verification pool (a timeout would be retried, then None)
+    assert metrics["verify_checks"] > 0 and metrics["verify_pool_calls"] >= metrics["verify_checks"]
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no TRL patches
     assert model.config.model_type == "qwen3"
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]

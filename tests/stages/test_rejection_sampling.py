@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.plan import compose_config
 from stages import rejection_sampling as rs
+from stages.shared.rewards import repetition_score
 
 GOOD = "<think>\nWe need 7+8.\nUnits 7+8=15 write 5 carry 1\nSo 7+8=15\n</think>\nThe answer is \\boxed{15}"
 GOOD2 = "<think>\n7 plus 8 makes 15\n</think>\nThe answer is \\boxed{15}"
@@ -60,8 +61,9 @@ def test_format_with_think_prefilled_by_the_prompt():
 
 
 def test_correctness_uses_the_rule_verifier():
-    assert rs.correctness_verdicts([(GOOD, "15"), (GOOD, "16"), ("no answer here", "15"), (GOOD, "")]) == \
-        [True, False, False, None]
+    verification = compose_config([]).verification
+    assert rs.correctness_verdicts([(GOOD, "15"), (GOOD, "16"), ("no answer here", "15"), (GOOD, ""),
+                                    (GOOD, "fifteen apples")], verification) == [True, False, False, None, None]
     assert reason(GOOD, verdict=False) == "incorrect"
     assert reason(GOOD, verdict=None) == "unverifiable"
     assert reason(GOOD, verdict=False, correctness=False) is None
@@ -95,10 +97,9 @@ def test_code_blocks():
 
 def test_repetition():
     loop = "<think>\n" + "7+8=15 so the answer " * 20 + "\n</think>\nThe answer is \\boxed{15}"
-    assert rs.repeated_ngram_share(loop) > 0.5
-    assert rs.repeated_ngram_share("one two three four five six") == 0.0
-    assert rs.repeated_ngram_share("short") == 0.0
+    assert repetition_score(rs.split_reasoning(loop)[0], ngram_size=4) > 0.5  # the guards' metric, on 4-grams
     assert reason(loop) == "repetition"
+    assert reason(GOOD.replace("We need", "WE NEED we need")) is None
     assert reason(loop, max_repeated_ngram_share=None) is None
 
 
@@ -217,7 +218,7 @@ def _cfg(tmp_path, rows, general, **over):
     cfg = OmegaConf.to_container(compose_config([]).rejection_sampling)
     cfg.update(seed=0, hardware=OmegaConf.to_container(compose_config(["hardware.torch_threads=1"]).hardware),
                language="en", template="r1_zero",
-               trust_remote_code=False,
+               trust_remote_code=False, verification=OmegaConf.to_container(compose_config([]).verification),
                prompts_file=_write_jsonl(tmp_path / "rl.jsonl", rows),
                general_sft_file=_write_jsonl(tmp_path / "gen.jsonl", general),
                max_prompts=None, samples_per_prompt=4, shard_size=2, max_tokens=16)
@@ -320,7 +321,7 @@ def test_stage_judge_decides_what_rules_cannot(tmp_path, monkeypatch, model_dir)
         return ScriptedGenerator(_scripted_answer)
 
     _patch_generator(monkeypatch, make)
-    monkeypatch.setattr(rs, "correctness_verdicts", lambda pairs: [None] * len(pairs))
+    monkeypatch.setattr(rs, "correctness_verdicts", lambda pairs, verification: [None] * len(pairs))
     monkeypatch.setattr("stages.shared.models.load_tokenizer", lambda *a, **k: None)
     cfg = _cfg(tmp_path, _rows(2), _general_rows(4), filters={"judge_model": "my-judge"})
     out = tmp_path / "out"

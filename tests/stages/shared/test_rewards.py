@@ -1,20 +1,24 @@
-"""stages/shared/rewards/: rule rewards with TRL's signature, time-bounded math verification, the registry."""
+"""stages/shared/rewards/: rule rewards with TRL's signature, time-bounded math verification in the pebble pool, the
+registry."""
 
 import asyncio
 import logging
+import os
 import pickle
 import threading
 import time
 
 import pytest
 
+from pipeline.plan import compose_config
 from stages.shared import rewards
 from stages.shared.errors import UserError
 from stages.shared.rewards import (
     REWARDS,
     BoundReward,
-    accuracy_reward,
+    accuracy,
     build_reward_functions,
+    canonical_answer,
     format_reward,
     is_well_formed,
     language_consistency,
@@ -23,26 +27,32 @@ from stages.shared.rewards import (
     overlong_penalty,
     register_reward,
     repetition_penalty,
+    repetition_score,
     tag_count_penalty,
+    verification,
     verify,
     verify_batch,
 )
+from stages.shared.rewards.batch import forget_warnings
 
-BOUND = 0.5  # seconds per check in these tests (the default, rewards.DEFAULT_VERIFY_TIMEOUT, is 1.5)
+VERIFICATION = dict(compose_config([]).verification)  # conf/config.yaml: the one home of the values
+BOUND = 0.5  # seconds per check in the timed tests (the default is VERIFICATION["timeout_s"])
 SLACK = 1.5  # process kill + scheduling on a shared 2-core machine
+
+
+def settings(**override):
+    return {**VERIFICATION, **override}
+
+
+def accuracy_reward(completions, answer, **override):
+    return rewards.accuracy_reward(completions, answer=answer, verification=settings(**override))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def pool():
-    rewards.start_verifier_pool()
+    accuracy_reward([boxed("1")], ["1"])  # workers up before the timed tests
     yield
-    rewards.shutdown_verifier_pool()
-
-
-@pytest.fixture
-def ready_pool():
-    """Timed tests measure the check, not the boot of a worker that an earlier test had killed."""
-    rewards.start_verifier_pool(wait=True)
+    verification.shutdown()
 
 
 def conv(text):
@@ -135,7 +145,7 @@ def test_conversational_equals_plain():
 
 
 def test_unparseable_gold_gives_none_and_warns_once(caplog):
-    rewards._warned.discard("gold")
+    forget_warnings()
     with caplog.at_level(logging.WARNING, logger="stages.shared.rewards"):
         out = accuracy_reward([boxed("5"), boxed("5"), boxed("5")], answer=["???", "", "5"])
         out2 = accuracy_reward([boxed("5")], answer=["\\foo{}"])
@@ -145,22 +155,49 @@ def test_unparseable_gold_gives_none_and_warns_once(caplog):
 
 
 def test_none_gold_rows_are_ignored_without_warning(caplog):
-    rewards._warned.discard("gold")
+    forget_warnings()
     with caplog.at_level(logging.WARNING, logger="stages.shared.rewards"):
         assert accuracy_reward([boxed("5"), boxed("5")], answer=[None, "5"]) == [None, 1.0]
     assert not [r for r in caplog.records if "cannot be parsed" in r.getMessage()]
 
 
+# TRL's test_unparsable_gold_solution_yields_none_reward, and what the old \boxed{} wrapping of every gold did: it read
+# "forty two" as the product f*o*r*t*y*t*w*o, so "two forty" scored 1.0 and "42" scored 0.0.
+@pytest.mark.parametrize("gold", ["forty two", "yes", "Monday", "sin x", "forty-two", "the answer is 42 apples"])
+@pytest.mark.parametrize("answer", ["42", "two forty", "forty two", "sey", "x sin"])
+def test_prose_gold_gives_none(gold, answer):
+    assert accuracy_reward(["<think> Reasoning content </think> " + f"\\boxed{{{answer}}}"], [gold]) == [None]
+    assert verify(boxed(answer), gold, VERIFICATION) is None
+
+
+@pytest.mark.parametrize("gold, answer", [
+    ("5 apples", "5"),  # a unit math-verify drops is not prose
+    ("\\text{Evelyn}", "\\text{Evelyn}"),  # named answers written as LaTeX text stay checkable
+    ("x = 3 or x = 4", "x=3 \\text{ or } x=4"),
+    ("3x^2 + 2xy", "2xy + 3x^2"),  # two-letter products are algebra
+    ("\\sin x", "\\sin(x)"),
+])  # fmt: skip
+def test_mathematical_gold_with_letters_still_verifies(gold, answer):
+    assert accuracy_reward([boxed(answer)], [gold]) == [1.0]
+
+
 def test_missing_answer_column_is_a_user_error():
     with pytest.raises(UserError, match="answer"):
-        accuracy_reward([boxed("5")])
+        rewards.accuracy_reward([boxed("5")], verification=VERIFICATION)
+
+
+def test_missing_verification_settings_is_a_user_error():
+    with pytest.raises(UserError, match="verification"):
+        rewards.accuracy_reward([boxed("5")], answer=["5"])
+    with pytest.raises(UserError, match="verification=cfg.verification"):
+        build_reward_functions({"accuracy": 1.0, "format": 1.0})
 
 
 def test_trl_kwargs_are_accepted():
-    out = accuracy_reward(
+    out = rewards.accuracy_reward(
         completions=[conv(boxed("5"))], answer=["5"], prompts=[[{"role": "user", "content": "2+3?"}]],
         completion_ids=[[1, 2, 3]], trainer_state=object(), log_extra=lambda *a: None, log_metric=lambda *a: None,
-        language=["en"], template=["r1"],
+        language=["en"], template=["r1"], verification=VERIFICATION,
     )  # fmt: skip
     assert out == [1.0]
 
@@ -171,59 +208,75 @@ def test_empty_batch():
     assert language_consistency_reward([]) == []
 
 
-@pytest.mark.parametrize("parallel", [True, False, "auto"])
-def test_parallel_modes_agree(parallel):
-    rewards.clear_verify_cache()
-    texts = [boxed(f"{i}/{i + 1}") for i in range(20)]
-    golds = [f"\\frac{{{i}}}{{{i + 1}}}" if i % 2 else f"{i + 1}/{i}" for i in range(20)]
-    expected = [1.0 if i % 2 else 0.0 for i in range(20)]
-    expected[1] = 1.0  # 1/2 vs \frac{1}{2}
-    expected[0] = 0.0  # 0/1 vs 1/0
-    assert accuracy_reward(texts, answer=golds, verify_parallel=parallel) == expected
-
-
-def test_large_batch_uses_the_pool_and_the_cache():
-    rewards.clear_verify_cache()
-    before = dict(rewards.STATS)
+def test_checks_are_deduplicated_cached_and_run_in_the_pool():
+    accuracy.clear_cache()
+    before = rewards.verifier_stats()
     texts = [boxed(i % 40) for i in range(200)]  # 40 distinct answers
     assert accuracy_reward(texts, answer=["7"] * 200) == [1.0 if i % 40 == 7 else 0.0 for i in range(200)]
-    assert rewards.STATS["checks"] - before.get("checks", 0) == 40
-    assert rewards.STATS["pooled"] - before.get("pooled", 0) == 40
+    after = rewards.verifier_stats()
+    assert after["checks"] - before.get("checks", 0) == 40
+    assert after["pool_calls"] - before.get("pool_calls", 0) == 40
+    assert accuracy_reward(texts[:40], answer=["7"] * 40)[7] == 1.0
+    assert rewards.verifier_stats()["cache_hits"] - after.get("cache_hits", 0) == 40
 
 
-def test_called_from_a_thread(ready_pool):
-    rewards.clear_verify_cache()
+def test_results_are_correct_under_load():
+    accuracy.clear_cache()
+    texts, golds, expected = [], [], []
+    for i in range(300):  # right in another form (0.5 vs 1/2) or off by one, in a random-looking order
+        right = i % 3 != 0
+        texts.append(boxed(f"\\frac{{{i}}}{{{i + 1}}}" if right else f"{i + 1}/{i + 2}"))
+        golds.append(f"{i}/{i + 1}")
+        expected.append(1.0 if right else 0.0)
+    out = accuracy_reward(texts, golds)
+    assert out == expected
+
+
+def test_called_from_a_thread():
+    accuracy.clear_cache()
     out, errors = [], []
 
     def work():
         try:
-            out.append(accuracy_reward([boxed("0.25"), boxed("1/3"), boxed("9^{9^{9^{9}}}")], answer=["1/4"] * 3,
-                                       verify_timeout=1.0))
-            out.append(verify(boxed("\\frac{3}{4}"), "0.75"))
+            out.append(accuracy_reward([boxed("0.25"), boxed("1/3")], ["1/4"] * 2))
+            start = time.monotonic()
+            out.append(accuracy_reward([boxed("9^{9^{9^{9}}}")], ["1/4"], timeout_s=BOUND, retries=0))
+            out.append(time.monotonic() - start)
+            out.append(verify(boxed("\\frac{3}{4}"), "0.75", VERIFICATION))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
     thread = threading.Thread(target=work)
-    start = time.monotonic()
     thread.start()
-    thread.join(30)
+    thread.join(60)
     assert not errors, errors
-    assert out == [[1.0, 0.0, 0.0], True]
-    assert time.monotonic() - start < 1.0 + SLACK
+    assert out[:2] == [[1.0, 0.0], [None]] and out[3] is True
+    assert out[2] < BOUND + SLACK
+
+
+def test_pool_started_from_a_thread():
+    """Prefect runs a stage's task off the main thread: the pool (and its fork server) can start there."""
+    verification.shutdown()
+    accuracy.clear_cache()
+    out = []
+    thread = threading.Thread(target=lambda: out.append(accuracy_reward([boxed("1/2"), boxed("2")], ["0.5"] * 2)))
+    thread.start()
+    thread.join(120)
+    assert out == [[1.0, 0.0]]
 
 
 def test_several_threads_at_once():
-    rewards.clear_verify_cache()
+    accuracy.clear_cache()
     results = {}
 
     def work(k):
-        results[k] = accuracy_reward([boxed(f"{k}/{k + 1}"), boxed(k)], answer=[f"{k}/{k + 1}"] * 2)
+        results[k] = accuracy_reward([boxed(f"{k}/{k + 1}"), boxed(k)], [f"{k}/{k + 1}"] * 2)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(1, 5)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
     assert results == {k: [1.0, 0.0] for k in range(1, 5)}
 
 
@@ -239,66 +292,107 @@ PATHOLOGICAL = {
 
 
 @pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
-@pytest.mark.parametrize("parallel", [True, False])
-def test_pathological_answer_returns_within_the_bound(name, parallel, ready_pool):
-    rewards.clear_verify_cache()
+def test_pathological_answer_is_never_scored_wrong_and_returns_within_the_bound(name):
+    accuracy.clear_cache()
+    before = rewards.verifier_stats()
     start = time.monotonic()
-    out = accuracy_reward([boxed(PATHOLOGICAL[name])], answer=["3"], verify_timeout=BOUND, max_answer_chars=None,
-                          verify_parallel=parallel)
+    out = accuracy_reward([boxed(PATHOLOGICAL[name])], ["3"], timeout_s=BOUND, retries=1, max_answer_chars=None)
     elapsed = time.monotonic() - start
-    assert out == [0.0]
-    assert elapsed < BOUND + SLACK, elapsed
+    after = rewards.verifier_stats()
+    assert out == [None]  # timed out twice: "cannot tell", not 0.0
+    assert after["pool_retries"] - before.get("pool_retries", 0) == 1
+    assert after["unchecked"] - before.get("unchecked", 0) == 1
+    assert elapsed < 2 * BOUND + SLACK, elapsed
 
 
-def test_pathological_answer_with_the_default_bound(ready_pool):
-    rewards.clear_verify_cache()
+def sleep_on_first_call(marker: str) -> str:
+    """Hangs the first time (the marker file does not exist yet), answers at once the second time."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(60)
+    return "done"
+
+
+def test_a_timed_out_call_is_retried_and_can_still_succeed(tmp_path):
+    """An overrun on a busy machine gets a second try in a fresh worker."""
+    before = verification.stats()
+    out = verification.run_all(sleep_on_first_call, [(str(tmp_path / "marker"),)], settings(timeout_s=BOUND))
+    after = verification.stats()
+    assert out == [(True, "done")]
+    assert after["killed"] - before.get("killed", 0) == 1
+    assert after["retries"] - before.get("retries", 0) == 1
+    assert after.get("unfinished", 0) == before.get("unfinished", 0)
+
+
+def test_math_verify_own_timeout_leaves_the_worker_alive():
+    """timeout_s above math-verify's alarm: the alarm interrupts the check inside the worker, nothing is killed."""
+    accuracy.clear_cache()
+    before = verification.stats()
     start = time.monotonic()
-    assert accuracy_reward([boxed(PATHOLOGICAL["power_tower"])], answer=["3"]) == [0.0]
-    assert time.monotonic() - start < rewards.DEFAULT_VERIFY_TIMEOUT + SLACK
+    out = accuracy_reward([boxed(PATHOLOGICAL["long_sum"])], ["3"], timeout_s=5.0, math_verify_timeout_s=1, retries=0,
+                          max_answer_chars=None)
+    after = verification.stats()
+    assert out == [None]
+    assert after.get("timeouts", 0) - before.get("timeouts", 0) == 1
+    assert after.get("killed", 0) == before.get("killed", 0)
+    assert time.monotonic() - start < 5.0
 
 
-def test_pathological_answer_is_killed_when_the_worker_cannot_interrupt_itself(monkeypatch, ready_pool):
-    monkeypatch.setattr(rewards, "SOFT_TIMEOUT_SHARE", 0.0)  # no in-worker alarm: only the kill bounds the check
-    rewards.clear_verify_cache()
-    pool = rewards.get_verifier_pool()
-    killed = pool.stats["killed"]
+def test_a_check_stuck_past_the_bound_is_killed_and_its_worker_replaced():
+    accuracy.clear_cache()
+    before = verification.stats()
     start = time.monotonic()
-    out = accuracy_reward([boxed("9^{9^{9^{9}}}"), boxed("3")], answer=["3", "3"], verify_timeout=BOUND,
-                          verify_parallel=True)
-    assert out == [0.0, 1.0]
+    out = accuracy_reward([boxed("9^{9^{9^{9}}}")], ["3"], timeout_s=BOUND, retries=0)
+    assert out == [None]
     assert time.monotonic() - start < BOUND + SLACK
-    assert pool.stats["killed"] == killed + 1
+    assert verification.stats()["killed"] - before.get("killed", 0) == 1
     # the pool replaced the killed worker and keeps working
-    assert accuracy_reward([boxed("4")], answer=["4"], verify_parallel=True) == [1.0]
+    assert accuracy_reward([boxed(i) for i in range(20)], ["4"] * 20) == [1.0 if i == 4 else 0.0 for i in range(20)]
 
 
-def test_tasks_queued_behind_a_killed_check_are_retried(monkeypatch):
-    monkeypatch.setattr(rewards, "SOFT_TIMEOUT_SHARE", 0.0)
-    rewards.clear_verify_cache()
+def test_checks_queued_behind_killed_ones_are_unaffected():
+    accuracy.clear_cache()
     texts = [boxed("9^{9^{9^{9}}}"), boxed("8^{8^{8^{8}}}")] + [boxed(i) for i in range(12)]
-    out = accuracy_reward(texts, answer=["5"] * len(texts), verify_timeout=BOUND, verify_parallel=True)
-    assert out == [0.0, 0.0] + [1.0 if i == 5 else 0.0 for i in range(12)]
+    out = accuracy_reward(texts, ["5"] * len(texts), timeout_s=BOUND)
+    assert out == [None, None] + [1.0 if i == 5 else 0.0 for i in range(12)]
 
 
 def test_a_20k_character_answer_is_capped_quickly():
     answer = "+".join(["123456789"] * 2000)  # 20k characters
     start = time.monotonic()
-    assert accuracy_reward([boxed(answer)], answer=["3"]) == [0.0]
+    assert accuracy_reward([boxed(answer)], ["3"]) == [0.0]
     assert time.monotonic() - start < 0.5
 
 
-def test_timeout_is_configurable_through_the_environment(monkeypatch, ready_pool):
-    monkeypatch.setenv("R1FLOW_VERIFY_TIMEOUT", "0.3")
-    rewards.clear_verify_cache()
-    start = time.monotonic()
-    assert accuracy_reward([boxed(PATHOLOGICAL["power_tower"])], answer=["3"], verify_parallel=True) == [0.0]
-    assert time.monotonic() - start < 0.3 + SLACK
+@pytest.mark.parametrize("key, bad", [("timeout_s", 0), ("timeout_s", -1), ("timeout_s", "soon"),
+                                      ("math_verify_timeout_s", 0.5), ("retries", -1), ("workers", 0),
+                                      ("memory_mb", -5), ("max_answer_chars", 0)])
+def test_bad_settings_are_user_errors_naming_the_key(key, bad):
+    with pytest.raises(UserError, match=f"verification.{key}"):
+        accuracy_reward([boxed("uncached 1")], ["1"], **{key: bad})
 
 
-@pytest.mark.parametrize("bad", [0, -1, "soon"])
-def test_bad_timeout_is_a_user_error(bad):
-    with pytest.raises((UserError, ValueError)):
-        accuracy_reward([boxed("uncached 1")], answer=["1"], verify_timeout=bad)
+def test_settings_must_be_the_whole_node():
+    with pytest.raises(UserError, match="missing keys \\['timeout_s'\\]"):
+        verification.settings({k: v for k, v in VERIFICATION.items() if k != "timeout_s"})
+    with pytest.raises(UserError, match="unknown keys \\['timout_s'\\]"):
+        verification.settings({**VERIFICATION, "timout_s": 1})
+
+
+def test_workers_that_keep_dying_are_reported():
+    """A memory cap far below what a Python process needs: every worker dies; the error names the key."""
+    accuracy.clear_cache()
+    with pytest.raises(RuntimeError, match="memory_mb"):
+        accuracy_reward([boxed("1")], ["1"], memory_mb=8)
+    assert accuracy_reward([boxed("1")], ["1"]) == [1.0]  # the next call builds a working pool again
+
+
+def test_generic_calls_through_the_pool():
+    """The pool is not math-only: any module-level function runs bounded, with a timeout read as "unfinished"."""
+    out = verification.run_all(time.sleep, [(0,), (30,)], settings(timeout_s=BOUND, retries=0))
+    assert out == [(True, None), (False, None)]
+    with pytest.raises(ZeroDivisionError):
+        verification.run_all(divmod, [(1, 0)], VERIFICATION)
 
 
 # ---- verify / verify_batch -----------------------------------------------------------------------------------------
@@ -317,14 +411,25 @@ def test_bad_timeout_is_a_user_error(bad):
     ],
 )
 def test_verify(text, gold, expected):
-    assert verify(text, gold) is expected
+    assert verify(text, gold, VERIFICATION) is expected
 
 
 def test_verify_batch():
     pairs = [(boxed("1/2"), "0.5"), (boxed("2"), "3"), ("no answer", "1"), (boxed("1"), "")]
-    assert verify_batch(pairs) == [True, False, False, None]
-    assert verify_batch(iter(pairs), parallel=True) == [True, False, False, None]
-    assert verify_batch([]) == []
+    assert verify_batch(pairs, VERIFICATION) == [True, False, False, None]
+    assert verify_batch(iter(pairs), VERIFICATION) == [True, False, False, None]
+    assert verify_batch([], VERIFICATION) == []
+
+
+def test_equal_answers_written_differently_share_a_canonical_key():
+    assert canonical_answer("\\frac{1}{2}") == canonical_answer("0.5") == canonical_answer("1/2") \
+        == canonical_answer("\\dfrac{1}{2}") == canonical_answer("$\\boxed{0.50}$") == canonical_answer("0.5.")
+    assert canonical_answer("1,000") == canonical_answer("1000") == canonical_answer("1\\,000")
+    assert canonical_answer(" x^2 + 1 ") == canonical_answer("x^2+1") == canonical_answer("\\text{x^2+1}")
+    assert canonical_answer("\\left(1,2\\right)") == canonical_answer("(1, 2)")
+    assert canonical_answer("\u22123") == canonical_answer("-3")
+    assert canonical_answer(None) is None and canonical_answer(" $ $ ") is None
+    assert canonical_answer("0.5") != canonical_answer("0.51") and canonical_answer("x") != canonical_answer("y")
 
 
 # ---- format --------------------------------------------------------------------------------------------------------
@@ -524,6 +629,15 @@ def test_repetition_penalty():
     assert repetition_penalty(["重复重复重复重复重复重复"])[0] < -0.5  # CJK characters count as words
 
 
+def test_repetition_score_is_the_one_repetition_metric():
+    loop = "7+8=15 so the answer " * 20
+    assert repetition_score(loop, ngram_size=4) > 0.5
+    assert repetition_score("one two three four five six", ngram_size=4) == 0.0
+    assert repetition_score("short", ngram_size=4) == 0.0
+    assert repetition_score("The cat. the CAT, the cat the cat", ngram_size=2) == repetition_score(
+        "the cat the cat the cat the cat", ngram_size=2)  # case and punctuation do not hide a loop
+
+
 # ---- registry ------------------------------------------------------------------------------------------------------
 
 
@@ -533,14 +647,16 @@ def test_registry_names():
 
 
 def test_a_zero_weight_switches_a_reward_off():
-    funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 0.0, "language_consistency": 0})
+    funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 0.0, "language_consistency": 0},
+                                             verification=VERIFICATION)
     assert [f.__name__ for f in funcs] == ["accuracy"] and weights == [1.0]
     with pytest.raises(UserError, match="no rewards"):
         build_reward_functions({"accuracy": 0.0})
 
 
 def test_build_reward_functions_from_config():
-    funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 1.0, "language_consistency": 0.1})
+    funcs, weights = build_reward_functions({"accuracy": 1.0, "format": 1.0, "language_consistency": 0.1},
+                                             verification=VERIFICATION)
     assert [f.__name__ for f in funcs] == ["accuracy", "format", "language_consistency"]
     assert weights == [1.0, 1.0, 0.1]
     acc, fmt, lang = funcs
@@ -592,7 +708,7 @@ def test_extra_rewards_and_registration():
         return [0.5 for _ in completions]
 
     funcs, weights = build_reward_functions({"accuracy": 1.0, "helpfulness": 2.0},
-                                            extra_rewards={"helpfulness": helpfulness})
+                                            extra_rewards={"helpfulness": helpfulness}, verification=VERIFICATION)
     assert [f.__name__ for f in funcs] == ["accuracy", "helpfulness"]
     assert funcs[1](completions=["a", "b"], answer=["1", "1"]) == [0.5, 0.5]
     assert weights == [1.0, 2.0]
@@ -617,17 +733,9 @@ def test_async_extra_reward_stays_async():
 
 
 def test_bound_rewards_pickle():
-    funcs, _ = build_reward_functions({"accuracy": 1.0, "format": 1.0}, template="r1_zero")
+    funcs, _ = build_reward_functions({"accuracy": 1.0, "format": 1.0}, template="r1_zero", verification=VERIFICATION)
     clone = pickle.loads(pickle.dumps(funcs))
     assert [f.__name__ for f in clone] == ["accuracy", "format"]
-    assert isinstance(clone[1], BoundReward) and clone[1].bind == {"template": "r1_zero"}
-
-
-def test_workers_that_cannot_start_are_reported(monkeypatch):
-    monkeypatch.setattr(rewards, "_WORKER_CMD", "import sys; print('boom: {root}', file=sys.stderr); sys.exit(3)")
-    pool = rewards.VerifierPool(size=1)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            pool.run([("1", "1", "boxed")], 1.0)
-    finally:
-        pool.close()
+    assert isinstance(clone[1], BoundReward)
+    assert clone[1].bind == {"template": "r1_zero", "verification": verification.settings(VERIFICATION)}
+    assert clone[0](completions=[boxed("0.5")], answer=["1/2"]) == [1.0]
