@@ -138,7 +138,8 @@ def _get_pool(s: VerificationConfig):
         if _pool is None:
             context = multiprocessing.get_context("forkserver")
             # The fork server imports these once; every worker forked from it starts warm (sympy alone takes ~1 s).
-            context.set_forkserver_preload(["math_verify"])
+            # As with any spawn/forkserver pool, workers import the main module: keep it `if __name__ == "__main__":`.
+            context.set_forkserver_preload(["__main__", "math_verify"])
             _pool = pebble.ProcessPool(max_workers=key[0], initializer=_start_worker, initargs=(s.memory_mb,),
                                        context=context)
             _pool_key, _pool_pid = key, os.getpid()
