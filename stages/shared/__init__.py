@@ -11,7 +11,7 @@
 - `templates`: the R1 and R1-Zero prompt formats, answer extraction
 - `reward_models`: loading and scoring with reward models (helpfulness on the summary, harmlessness on the whole)
 - `rewards/`: the rule rewards (accuracy, format, language consistency, guards), their registry, and the bounded
-  verification pool (pebble) that answer checks run in, set by the `verification` node of conf/config.yaml
+  verification pool (pebble) that answer checks run in, set by conf/verification/
 - `plots`: the PNG figures (RL curves, loss, the report's charts)
 - `errors`: `UserError`, the bad-input error the CLI turns into exit code 2
 

@@ -67,8 +67,7 @@ class HardwareConfig:
 
 @dataclass
 class VerificationConfig:
-    """The `verification` node of conf/config.yaml: the bounded pool answer checks run in
-    (stages/shared/rewards/verification.py)."""
+    """conf/verification/: the bounded pool answer checks run in (stages/shared/rewards/verification.py)."""
     timeout_s: float = MISSING
     math_verify_timeout_s: int = MISSING
     retries: int = MISSING
@@ -368,7 +367,8 @@ class ReportConfig:
 GROUPS = {"base": BaseConfig, "cold_start_sft": ColdStartSftConfig, "reasoning_grpo": ReasoningGrpoConfig,
           "rejection_sampling": RejectionSamplingConfig, "reward_model": RewardModelConfig,
           "merged_sft_alignment": MergedSftAlignmentConfig, "distill": DistillConfig, "evaluate": EvaluateConfig,
-          "report": ReportConfig, "hardware": HardwareConfig, "data": DataConfig, "model": ModelConfig}
+          "report": ReportConfig, "hardware": HardwareConfig, "verification": VerificationConfig, "data": DataConfig,
+          "model": ModelConfig}
 
 
 def register() -> None:

@@ -172,7 +172,7 @@ def build_reward_functions(
         fn = registry[name]
         if fn is accuracy_reward and "verification" not in bind:
             raise UserError("the accuracy reward checks answers in the verification pool: pass "
-                            "verification=cfg.verification (the `verification` node of conf/config.yaml)")
+                            "verification=cfg.verification (the `verification` node, conf/verification/)")
         if _is_torch_module(fn):
             funcs.append(fn)
         elif _is_async(fn):

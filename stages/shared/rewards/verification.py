@@ -10,7 +10,7 @@ run each call in their main thread, so math-verify's own ``signal.alarm`` timeou
 A call that times out, or whose worker dies, is retried ``retries`` times; when it never finishes its result is
 None ("could not be checked"), never a value that would read as a wrong answer. Counts in :func:`stats`.
 
-The settings are the ``verification`` config node (conf/config.yaml), passed by the stages: see :func:`settings`.
+The settings are the ``verification`` config node (conf/verification/), passed by the stages: see :func:`settings`.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ def settings(node: Any) -> VerificationConfig:
     if isinstance(node, VerificationConfig):
         return node
     if node is None or not hasattr(node, "keys"):
-        raise UserError(f"verification settings must be the `verification` config node (conf/config.yaml), got "
+        raise UserError(f"verification settings must be the `verification` config node (conf/verification/), got "
                         f"{node!r}: pass verification=cfg.verification")
     values = {str(k): node[k] for k in node.keys()}
     names = [f.name for f in fields(VerificationConfig)]
     missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
     if missing or unknown:
         raise UserError(f"verification: missing keys {missing}, unknown keys {unknown}; the node has exactly "
-                        f"{', '.join(names)} (conf/config.yaml)")
+                        f"{', '.join(names)} (conf/verification/)")
     s = VerificationConfig(**values)
 
     def bad(key: str, want: str) -> UserError:

@@ -35,7 +35,7 @@ from stages.shared.rewards import (
 )
 from stages.shared.rewards.batch import forget_warnings
 
-VERIFICATION = dict(compose_config([]).verification)  # conf/config.yaml: the one home of the values
+VERIFICATION = dict(compose_config([]).verification)  # conf/verification/default.yaml: the one home of the values
 BOUND = 0.5  # seconds per check in the timed tests (the default is VERIFICATION["timeout_s"])
 SLACK = 1.5  # process kill + scheduling on a shared 2-core machine
 
