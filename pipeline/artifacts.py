@@ -366,10 +366,8 @@ def publish(root, name: str, version: str, staging_dir, *, kind: str, stage: str
     try:
         if fs.exists(remote):
             fs.rm(remote, recursive=True)  # leftover of a crashed upload; stale extra files would fail verify
-        for f in files:
-            dst = f"{remote}/{f['path']}"
-            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(staging / f["path"]), dst)
+        # the listed files in one fsspec call (it creates the folders), then the manifest
+        fs.put([str(staging / f["path"]) for f in files], [f"{remote}/{f['path']}" for f in files])
         fs.pipe_file(f"{remote}/{MANIFEST}", (staging / MANIFEST).read_bytes())
     except Exception as e:  # see check_writable
         raise _not_writable(root, e) from e
@@ -663,12 +661,8 @@ def load(root, name: str, version: str, verify: bool = True) -> Path:
     # Not a staging prefix: clean_staging must never take a download that another process is making.
     tmp = Path(tempfile.mkdtemp(prefix=f"{DOWNLOAD_PREFIX}{version}-", dir=cached.parent))
     try:
-        for src in fs.find(remote):
-            rel = src[len(remote) + 1:]
-            if rel == MANIFEST:
-                continue
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(src, str(tmp / rel))
+        fs.get(f"{remote}/", f"{tmp}/", recursive=True)
+        (tmp / MANIFEST).unlink(missing_ok=True)  # the manifest already read is the one verified and written below
         if verify:
             _verify(tmp, manifest, label, artifact_uri(root, name, version))
         _write_manifest(tmp, manifest)
