@@ -9,12 +9,14 @@ single- and multi-GPU runs share one code path. The child dies with its parent (
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import importlib
 import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -77,6 +79,8 @@ def launch_command(hardware: dict, spec_path: str) -> list[str]:
         cmd += ["--fsdp_reshard_after_forward", "true"] if version == 2 else ["--fsdp_sharding_strategy", "FULL_SHARD"]
     else:
         cmd += ["--multi_gpu"] if int(per_node) * machines > 1 else []
+    if machines > 1:  # a node that never joins fails the rendezvous after this long instead of torch's 600 s
+        cmd += ["--rdzv_conf", f"timeout={int(hardware['distributed_timeout_s'])}"]
     tail = ["-m", "pipeline.runner", spec_path]
     port = os.environ.get("MAIN_PROCESS_PORT", "29500")
     if machines > 1 and hardware.get("node_launcher") == "srun":
@@ -122,6 +126,80 @@ def stage_env(hardware: dict) -> dict[str, str]:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# Failures a user can act on, recognised in a stage's output (any process, any node's line that reaches it). Ordered
+# by precedence: a worker killed for memory makes the other workers report a lost peer, so memory outranks the peer.
+FAILURE_PATTERNS = [
+    ("disk", re.compile(r"No space left on device|\[Errno 28\]|ENOSPC")),
+    ("memory", re.compile(r"CUDA out of memory|OutOfMemoryError|can't allocate memory|Cannot allocate memory|"
+                          r"\bMemoryError\b|No available memory for the cache blocks")),
+    ("sigkill", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9\b")),
+    ("peer", re.compile(r"Connection (reset|closed) by peer|DistNetworkError|DistStoreError|Rendezvous\w*Error|"
+                        r"Timed out waiting \d+ms|collective operation timeout|NCCL (error|timeout)")),
+]
+MEMORY_ADVICE = ("lower what one step holds: per_device_train_batch_size, or prompts_per_step x num_generations for "
+                 "GRPO (raise gradient_accumulation_steps to keep the batch), max_length / max_completion_length; "
+                 "hardware.gradient_checkpointing=true; for vLLM hardware.vllm.gpu_memory_utilization (GPU) or "
+                 "cpu_kvcache_space_gib (CPU); or run on a machine with more memory")
+
+
+def oom_kills() -> dict[str, int]:
+    """The kernel's OOM-kill counters that can concern this process and its children: its memory cgroup's (v2
+    memory.events, v1 memory.oom_control; where the container shows its own cgroup as the root, that one) and the
+    machine's (/proc/vmstat). Compared before and after a stage, a rise says the OOM killer ran meanwhile."""
+    paths = ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control", "/proc/vmstat"]
+    try:
+        for entry in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = entry.split(":", 2)
+            if controllers == "":
+                paths.append(f"/sys/fs/cgroup{path}/memory.events")
+            elif "memory" in controllers.split(","):
+                paths.append(f"/sys/fs/cgroup/memory{path}/memory.oom_control")
+    except (OSError, ValueError):
+        pass
+    counts = {}
+    for path in dict.fromkeys(paths):
+        try:
+            for entry in Path(path).read_text().splitlines():
+                key, _, value = entry.partition(" ")
+                if key == "oom_kill":
+                    counts[path] = int(value)
+        except (OSError, ValueError):
+            continue
+    return counts
+
+
+def failure_message(label: str, code: int, causes: dict[str, str], oom_before: dict[str, int], hardware: dict,
+                    dirs: list[Path]) -> str:
+    """Why stage `label` failed and what to change, from its exit code, the causes seen in its output and the
+    OOM-kill counters before it started; the bare exit code where nothing is recognised."""
+    after = oom_kills()
+    oom = [f"{path}: oom_kill {oom_before[path]} -> {n}" for path, n in after.items()
+           if path in oom_before and n > oom_before[path]]
+    if "disk" in causes:
+        free = "; ".join(f"{d}: {shutil.disk_usage(d).free / 2**20:,.0f} MiB free" for d in dirs if d.exists())
+        return (f"stage {label} ran out of disk space (ENOSPC: {causes['disk']}). Free space there ({free}), or point "
+                f"work_root (checkpoints) or artifacts_root / R1FLOW_CACHE (artifacts) at a larger disk. Nothing was "
+                f"published; a rerun resumes from the last complete checkpoint")
+    if "memory" in causes:
+        return f"stage {label} ran out of memory ({causes['memory']}): {MEMORY_ADVICE}"
+    if code == -signal.SIGKILL or "sigkill" in causes:
+        if oom:
+            return f"stage {label} was killed by the kernel's OOM killer ({', '.join(oom)}): {MEMORY_ADVICE}"
+        return (f"stage {label} was killed by SIGKILL (often the OOM killer, or a scheduler's memory limit; no OOM "
+                f"kill was counted where this process can see it). If memory: {MEMORY_ADVICE}. A rerun resumes from "
+                f"the last complete checkpoint")
+    if "peer" in causes:
+        machines = int(hardware.get("num_machines") or 1)
+        where = f"the other nodes of its {machines}-node launch" if machines > 1 else "its other processes"
+        return (f"stage {label} lost contact with {where} ({causes['peer']}): a process or node stopped, crashed or "
+                f"did not join within hardware.distributed_timeout_s={hardware.get('distributed_timeout_s')} s. The "
+                f"first error is in the output of the node that stopped; a rerun resumes from the last complete "
+                f"checkpoint")
+    if code < 0:
+        return f"stage {label} was killed by signal {signal.Signals(-code).name}"
+    return f"stage {label} failed (exit code {code})"
 
 
 def run_stage(stage: Stage, *, root: str, work_root: str, log: Callable[[str], None] = print,
@@ -173,19 +251,39 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
     if int(hardware.get("num_machines") or 1) > 1 and "accelerate.commands.launch" in cmd:
         # several nodes without Slurm: every other node runs this same command with its own --machine_rank
         log(f"on every other node, with its --machine_rank: {shlex.join(cmd)}")
+    oom_before = oom_kills()
     env = stage_env(hardware)
     env.update({EVENTS_ENV: str(events), RUN_NAME_ENV: f"{stage.name}-{stage.version}"})
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
     tail: list[str] = []
-    with open(work_dir / "stage.log", "a") as stage_log:  # every attempt's output, beside its checkpoints
-        stage_log.write(f"=== {started} {shlex.join(cmd)}\n")
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail = (tail + [line])[-40:]
-            stage_log.write(line + "\n")
-            stage_log.flush()
-            log(line)
+    causes: dict[str, str] = {}  # kind of failure -> the first output line that shows it
+    # every attempt's output, beside its checkpoints; unbuffered, so a full disk fails one write (and the stage's
+    # output keeps streaming) instead of a close that flushes
+    stage_log: int | None = os.open(work_dir / "stage.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def keep(text: str) -> None:
+        nonlocal stage_log
+        if stage_log is None:
+            return
+        try:
+            os.write(stage_log, text.encode())
+        except OSError as e:
+            causes.setdefault("disk", f"writing {work_dir / 'stage.log'}: {e}")
+            os.close(stage_log)
+            stage_log = None
+
+    keep(f"=== {started} {shlex.join(cmd)}\n")
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        tail = (tail + [line])[-40:]
+        for kind, pattern in FAILURE_PATTERNS:
+            if kind not in causes and pattern.search(line):
+                causes[kind] = line.strip()
+        keep(line + "\n")
+        log(line)
+    if stage_log is not None:
+        os.close(stage_log)
     code = proc.wait()
     result_path = Path(staging) / RESULT_FILE
     if code != 0 or not result_path.exists():
@@ -194,19 +292,27 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
         user_error = work_dir / USER_ERROR_FILE
         if code == 2 and user_error.exists():
             raise UserError(f"stage {stage.name}: {user_error.read_text()}")
-        raise RuntimeError(f"stage {stage.name}@{stage.version} failed (exit code {code}); last lines:\n"
-                           + "\n".join(tail[-15:]))
+        raise RuntimeError(failure_message(f"{stage.name}@{stage.version}", code, causes, oom_before, hardware,
+                                           [work_dir, Path(staging).parent]) + "; last lines:\n" + "\n".join(tail[-15:]))
     result = json.loads(result_path.read_text())
     result_path.unlink()
     if force and artifacts.exists(root, stage.name, stage.version):
         artifacts.remove(root, stage.name, stage.version)
-    artifacts.publish(root, stage.name, stage.version, staging, kind=stage.kind, stage=stage.module,
-                      inputs={role: {"name": stage.inputs[role], "version": v}
-                              for role, v in stage.input_versions.items()},
-                      config=stage.config, metrics=result["metrics"], started_at=started,
-                      ended_at=datetime.now(timezone.utc).isoformat(),
-                      extra={"fingerprints": stage.fingerprints, "code": stage.code,
-                             "seconds": round(time.time() - t0, 2)})
+    try:
+        artifacts.publish(root, stage.name, stage.version, staging, kind=stage.kind, stage=stage.module,
+                          inputs={role: {"name": stage.inputs[role], "version": v}
+                                  for role, v in stage.input_versions.items()},
+                          config=stage.config, metrics=result["metrics"], started_at=started,
+                          ended_at=datetime.now(timezone.utc).isoformat(),
+                          extra={"fingerprints": stage.fingerprints, "code": stage.code,
+                                 "seconds": round(time.time() - t0, 2)})
+    except OSError as e:  # e.g. the manifest on a full disk: the staging directory was never renamed into place
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.close()
+        if e.errno != errno.ENOSPC:
+            raise
+        raise RuntimeError(failure_message(f"{stage.name}@{stage.version}", 0, {"disk": f"publishing: {e}"},
+                                           oom_before, hardware, [Path(staging).parent])) from e
     lock.close()
     return {"cached": False, "version": stage.version, "metrics": result["metrics"], "seconds": time.time() - t0}
 
@@ -221,10 +327,21 @@ def main(spec_path: str) -> int:
     # the stages log (logging, not print): plain lines on stdout, which the runner tees into stage.log and Prefect
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        # a worker of a launcher (torchrun) dies with it: killing a node's launcher stops that node's processes
+        # instead of leaving them in the collectives with the other nodes
+        _die_with_parent()
     if local_rank is not None and torch.cuda.is_available():
         # under accelerate launch: this process's GPU, so that "cuda" (models loaded before the trainer exists,
         # reward models, generation) means it rather than GPU 0 in every process
         torch.cuda.set_device(int(local_rank))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one of several processes: every wait for the others (each collective) ends after distributed_timeout_s,
+        # so a node that dies or hangs fails the stage instead of hanging it; accelerate and the trainers reuse
+        # this process group (PartialState is shared), so it is set up before anything else asks for it
+        from accelerate import PartialState
+
+        PartialState(timeout=timedelta(seconds=int(config["hardware"]["distributed_timeout_s"])))
     # `module` names a file in stages/; a dotted path (tests) is imported as given.
     module_name = spec["module"] if "." in spec["module"] else f"stages.{spec['module']}"
     module = importlib.import_module(module_name)

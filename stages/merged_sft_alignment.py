@@ -257,8 +257,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     metrics["train_seconds"] = time.time() - t0
     metrics["preference_rewards_from_step"] = from_step
     metrics.update(trainers.finish(output_dir, trainer.model, tokenizer, trainer, rl=True))
-    logs.write_log_history(sft_history, output_dir / SFT_LOG_HISTORY)
-    plots.plot_loss(sft_history, output_dir / "sft_loss.png", title="merged SFT loss")
+    if hardware.is_main_process():  # one writer into the artifact (several processes see one output directory)
+        logs.write_log_history(sft_history, output_dir / SFT_LOG_HISTORY)
+        plots.plot_loss(sft_history, output_dir / "sft_loss.png", title="merged SFT loss")
 
     after = measure(trainer.model, tokenizer, cfg, eval_rows, general_eval, rms, "after alignment")
     metrics.update({f"eval_{k}": v for k, v in after.items()})

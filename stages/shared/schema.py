@@ -60,6 +60,7 @@ class HardwareConfig:
     num_machines: int = MISSING
     node_launcher: Optional[str] = MISSING
     distributed_modules: Optional[List[str]] = MISSING
+    distributed_timeout_s: int = MISSING
     fsdp: Optional[str] = MISSING
     fsdp_version: int = MISSING
     report_to: Any = MISSING         # ${run.report_to} (conf/config.yaml): trackers stay out of versions with hardware

@@ -147,9 +147,14 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
 
 def train(trainer, checkpoint_dir: str | Path) -> int:
     """trainer.train(), resumed from the last complete checkpoint in checkpoint_dir (model, optimizer, scheduler, RNG,
-    step). Returns the global step it resumed from (0 for a fresh start)."""
+    step; for GRPO with sync_ref_model also the reference model). Returns the global step it resumed from (0 for a
+    fresh start)."""
     from transformers import TrainerState
 
+    reference = getattr(trainer, "ref_model", None) if getattr(trainer.args, "sync_ref_model", False) else None
+    if reference is not None:
+        trainer.add_callback(ReferenceCheckpointCallback(reference))  # after TRL's SyncRefModelCallback: saves the
+        # reference as that step's sync left it
     checkpoint = last_checkpoint(checkpoint_dir)
     start = 0
     if checkpoint:
@@ -165,6 +170,8 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
             trainer.resumed_from = start
             return start
         log.info("resuming from %s (global_step %d)", checkpoint, start)
+        if reference is not None:
+            load_reference(reference, Path(checkpoint), trainer.args.ref_model_sync_steps)
     if getattr(trainer, "is_fsdp_enabled", False) and world_size() > 1:
         # transformers' generate keeps every process stepping until all are done (synced_gpus) only for models it
         # knows to be FSDP-managed, and accelerate's FSDP does not mark them: without it, GRPO's generation and the
@@ -173,6 +180,75 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
     trainer.resumed_from = start
     trainer.train(resume_from_checkpoint=checkpoint)
     return start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO's reference model across a resume
+
+REFERENCE_FILE = "reference_model.pt"
+
+
+class ReferenceCheckpointCallback(TrainerCallback):
+    """Writes GRPO's reference model into each trainer checkpoint; train() loads it back on a resume.
+
+    With sync_ref_model, TRL's SyncRefModelCallback moves the reference towards the policy every ref_model_sync_steps,
+    but a trainer checkpoint holds only the policy, optimizer, scheduler and RNG: a resumed GRPOTrainer builds its
+    reference from the initial model again and measures the KL against that until the next sync (up to 399 steps
+    with R1's reset every 400). The weights are saved rather than rebuilt from the step of the last sync because the
+    policy of that step is gone by then (two checkpoints are kept) and ref_model_mixup_alpha < 1 makes the reference
+    a running mix of many policies. Written at the end of a step that saves, after that step's sync and before the
+    trainer writes the checkpoint (whose trainer_state.json, written last, marks it complete)."""
+
+    def __init__(self, ref_model):
+        self.ref_model = ref_model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            save_reference(self.ref_model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def save_reference(ref_model, checkpoint: Path) -> None:
+    """The reference's full state dict into checkpoint/REFERENCE_FILE (written by the main process; under FSDP every
+    process takes part in gathering it)."""
+    import torch
+
+    if fsdp_sharded(ref_model):
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # a collective: the main process receives the full tensors on its CPU, the others {}
+        state = get_model_state_dict(ref_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        main = dist.get_rank() == 0
+    else:
+        state = getattr(ref_model, "module", ref_model).state_dict()
+        main = is_main_process()
+    if main:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint / f"{REFERENCE_FILE}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(checkpoint / REFERENCE_FILE)
+
+
+def load_reference(ref_model, checkpoint: Path, sync_steps: int) -> None:
+    """Restore the reference saved with `checkpoint`; a checkpoint from before it was saved keeps the initial
+    reference, with a warning saying until which step."""
+    import torch
+
+    path = checkpoint / REFERENCE_FILE
+    if not path.exists():
+        step = int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+        log.warning("%s has no %s (saved before r1flow kept GRPO's reference): the KL is measured against the initial "
+                    "model until the next reference sync at step %d", checkpoint, REFERENCE_FILE,
+                    (step // sync_steps + 1) * sync_steps)
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if fsdp_sharded(ref_model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(ref_model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        getattr(ref_model, "module", ref_model).load_state_dict(state)
+    log.info("reference model restored from %s", path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,10 +483,13 @@ def save_model(model, tokenizer, output_dir: str | Path) -> None:
     """A plain transformers checkpoint (safetensors) that AutoModelForCausalLM and vLLM load directly.
 
     Under FSDP (several processes) every process must call it: the full state dict is gathered onto the main
-    process's CPU, the main process writes it, the others wait for it at a barrier."""
+    process's CPU, the main process writes it, the others wait for it at a barrier. Without FSDP only the main
+    process writes (on several nodes they all see one shared output directory)."""
     output_dir = Path(output_dir)
     if fsdp_sharded(model):
         _save_sharded(model, tokenizer, output_dir)
+        return
+    if not is_main_process():  # several processes without FSDP (DDP): each holds the whole model, one writes it
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)

@@ -121,12 +121,13 @@ def test_multi_node_counts_processes_over_machines_and_reads_the_rank(tmp_path, 
     monkeypatch.setenv("MAIN_PROCESS_IP", "10.0.0.7")
     monkeypatch.setenv("MAIN_PROCESS_PORT", "29600")
     hw = {"launcher": "accelerate", "num_processes": "auto", "num_machines": 2, "bf16": True,
-          "fsdp": "full_shard auto_wrap", "fsdp_version": 2}
+          "fsdp": "full_shard auto_wrap", "fsdp_version": 2, "distributed_timeout_s": 900}
     cmd = runner.launch_command(hw, _spec(tmp_path, "reasoning_grpo"))
     args = _parsed(cmd)
     assert args.num_processes == 16 and args.num_machines == 2 and args.machine_rank == 1
     assert args.main_process_ip == "10.0.0.7" and args.main_process_port == 29600
     assert args.fsdp_version == "2" and "--fsdp_reshard_after_forward" in cmd and "--fsdp_sharding_strategy" not in cmd
+    assert args.rdzv_conf == "timeout=900"  # a node that never joins fails the rendezvous after the configured time
 
 
 def test_slurm_multi_node_starts_one_launcher_per_node(tmp_path, monkeypatch):
@@ -139,7 +140,7 @@ def test_slurm_multi_node_starts_one_launcher_per_node(tmp_path, monkeypatch):
     monkeypatch.delenv("MAIN_PROCESS_IP", raising=False)
     monkeypatch.setattr(sys, "executable", "echo")
     hw = {"launcher": "accelerate", "num_processes": "auto", "num_machines": 2, "node_launcher": "srun",
-          "bf16": True, "fsdp": "full_shard auto_wrap"}
+          "bf16": True, "fsdp": "full_shard auto_wrap", "distributed_timeout_s": 900}
     spec = _spec(tmp_path, "cold_start_sft")
     cmd = runner.launch_command(hw, spec)
     assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]

@@ -71,3 +71,52 @@ def test_fsdp_save_gathers_the_whole_model_and_writes_it_once(tmp_path):
     assert saved.config.architectures == ["Qwen3ForCausalLM"]  # not FSDP2's FSDPQwen3ForCausalLM
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
     assert (out / "tokenizer.json").is_file()
+
+
+def _reference_worker(rank: int, world: int, store: str, checkpoint: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from stages.shared import trainers
+
+        model, _ = _model_and_tokenizer()
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        trainers.save_reference(model, Path(checkpoint))
+        dist.barrier()
+        with torch.no_grad():  # a resumed trainer's reference: the initial weights, here zeros
+            for param in model.parameters():
+                param.to_local().zero_()
+        trainers.load_reference(model, Path(checkpoint), sync_steps=2)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            expected = _model_and_tokenizer()[0].state_dict()
+            for name, tensor in expected.items():
+                assert torch.equal(state[name], tensor), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_reference_checkpoint_gathers_once_and_loads_back_into_the_shards(tmp_path):
+    """GRPO's reference under FSDP (trainers.save_reference / load_reference): gathered whole into the checkpoint by
+    the main process, and loaded back into each process's shards on a resume."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    checkpoint = tmp_path / "checkpoint-2"
+    mp.spawn(_reference_worker, args=(2, str(tmp_path / "store"), str(checkpoint)), nprocs=2, join=True)
+    from stages.shared import trainers
+
+    saved = torch.load(checkpoint / trainers.REFERENCE_FILE, weights_only=True)
+    expected = _model_and_tokenizer()[0].state_dict()
+    assert set(saved) == set(expected) and all(torch.equal(saved[k], v) for k, v in expected.items())
+    assert [p.name for p in checkpoint.iterdir()] == [trainers.REFERENCE_FILE]  # no temporary file left

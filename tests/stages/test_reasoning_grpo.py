@@ -2,6 +2,7 @@
 curves, and a crash after a checkpoint resumes from that checkpoint's step."""
 import json
 import math
+import shutil
 
 import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -115,3 +116,42 @@ def test_smoke_run_with_paper_objective_then_crash_and_resume(smoke_base, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no TRL patches
     assert model.config.model_type == "qwen3"
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+
+
+def _kl_by_step(out):
+    history = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    return {e["step"]: e["kl"] for e in history if "kl" in e}
+
+
+def test_resume_mid_interval_keeps_the_synced_reference(smoke_base, tmp_path):
+    """sync_ref_model resets the reference to the policy every 2 steps. A run that crashes after the step-2
+    checkpoint and resumes measures step 3's KL against the policy of step 2, as the uninterrupted run does (there it
+    is ~0: the policy that samples step 3 is the reference), not against the initial model, which is what a resume
+    without the saved reference (TRL alone, the control) gives."""
+    cfg = compose_config(["size=smoke", "reasoning_grpo.beta=0.04", "reasoning_grpo.sync_ref_model=true",
+                          "reasoning_grpo.ref_model_sync_steps=2", "reasoning_grpo.max_steps=3",
+                          "reasoning_grpo.eval_samples=0"]).reasoning_grpo
+    assert cfg.save_steps == 2 and cfg.logging_steps == 1
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    reasoning_grpo.run(cfg, {"model": smoke_base}, straight, tmp_path / "work_straight")
+    expected = _kl_by_step(straight)
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        reasoning_grpo.run(cfg, {"model": smoke_base}, tmp_path / "crashed", work, callbacks=[CrashAfterSave(2)])
+    checkpoint = work / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / trainers.REFERENCE_FILE).exists()
+    control_work = tmp_path / "work_control"
+    shutil.copytree(work, control_work)
+    (control_work / "checkpoints" / "checkpoint-2" / trainers.REFERENCE_FILE).unlink()
+
+    resumed, control = tmp_path / "resumed", tmp_path / "control"
+    resumed.mkdir()
+    control.mkdir()
+    assert reasoning_grpo.run(cfg, {"model": smoke_base}, resumed, work)["resumed_from_step"] == 2
+    assert reasoning_grpo.run(cfg, {"model": smoke_base}, control, control_work)["resumed_from_step"] == 2
+    got, lost = _kl_by_step(resumed), _kl_by_step(control)
+    print(f"kl by step: uninterrupted {expected}, resumed {got}, resumed without the reference {lost}")
+    assert expected[3] < 1e-6 and got[3] == pytest.approx(expected[3], abs=1e-6)
+    assert lost[3] > 100 * max(expected[3], 1e-8)  # the control shows the check can fail
