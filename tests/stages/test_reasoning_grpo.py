@@ -31,7 +31,7 @@ def test_grpo_config_carries_every_rl_knob_from_conf(tmp_path):
     tiny = compose_config([]).reasoning_grpo
     args = trainers.grpo_args(tiny, tmp_path)
     assert not args.bf16 and args.use_cpu and not args.gradient_checkpointing and not args.dataloader_pin_memory
-    assert args.disable_tqdm and args.report_to == []
+    assert args.disable_tqdm and args.report_to == ["tensorboard"]  # run.report_to, the default tracker
     assert args.generation_kwargs is None  # HF generate: TRL's own generation config
     for key in ("beta", "epsilon", "num_generations", "loss_type", "temperature", "max_completion_length",
                 "learning_rate"):
