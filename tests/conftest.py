@@ -75,3 +75,30 @@ def prefect_server():
 
 def pytest_unconfigure(config):
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints shaped like the real model families (tests/fixtures/real_models)
+
+_BUILD = Path(__file__).parent / "fixtures" / "real_models" / "build.py"
+
+
+def _fixture_builder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_models_build", _BUILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """`real_models(family)` -> directory of a checkpoint shaped like that real family (tests/fixtures/real_models),
+    built once and cached under work/fixtures/ across sessions."""
+    return _fixture_builder().build
+
+
+@pytest.fixture(scope="session")
+def real_model_families():
+    return list(_fixture_builder().FAMILIES)
