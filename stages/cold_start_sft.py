@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def build_dataset(cfg):
-    """The SFT dataset: `messages` rows, the user turn rendered by the stage's template, at most cfg.max_samples."""
+    """(the SFT dataset, decontamination counts): `messages` rows, the user turn rendered by the stage's template, at
+    most cfg.max_samples, none whose question shares a word n-gram with the held-out split or a benchmark."""
     from datasets import Dataset
 
     from stages.shared import data, templates
@@ -30,6 +31,10 @@ def build_dataset(cfg):
     rows = data.load_rows(cfg.train_file, ["messages"], "cold_start_sft.train_file")
     if cfg.max_difficulty is not None:
         rows = [r for r in rows if r.get("difficulty") is None or int(r["difficulty"]) <= int(cfg.max_difficulty)]
+    rows = [{**r, "question": r.get("prompt") or next((m["content"] for m in r["messages"] if m.get("role") == "user"),
+                                                       "")} for r in rows]
+    rows, counts = data.decontaminate(rows, data.evaluation_sets(cfg), ngram=int(cfg.decontaminate_ngram),
+                                      key="cold_start_sft.train_file", field="question")
     if cfg.max_samples is not None:
         rows = rows[: int(cfg.max_samples)]
     if not rows:
@@ -41,24 +46,23 @@ def build_dataset(cfg):
         assistant = [m for m in messages if m.get("role") == "assistant"]
         if not assistant:
             raise UserError(f"cold_start_sft.train_file row {i}: `messages` has no assistant turn")
-        question = r.get("prompt") or next((m["content"] for m in messages if m.get("role") == "user"), None)
-        prompt = templates.format_prompt(question, template)
+        prompt = templates.format_prompt(r["question"], template)
         if isinstance(prompt, str):  # a plain-text template: train on prompt/completion
             out.append({"prompt": prompt, "completion": " " + assistant[-1]["content"]})
         else:
             out.append({"messages": [*prompt, {"role": "assistant", "content": assistant[-1]["content"]}]})
-    return Dataset.from_list(out)
+    return Dataset.from_list(out), counts
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
     hardware.setup(cfg)
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
-    dataset = build_dataset(cfg)
+    dataset, counts = build_dataset(cfg)
     log.info(f"cold_start_sft: {len(dataset)} samples")
     rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="cold_start_sft.eval_file") \
         if cfg.eval_samples > 0 else []
     template = cfg.template
-    metrics: dict = {"samples": len(dataset)}
+    metrics: dict = {"samples": len(dataset), **counts}
     if rows:
         before = _heldout(model, tokenizer, rows, cfg, template, "before")
         metrics.update(heldout.eval_metrics("before", before))

@@ -255,23 +255,6 @@ def _read_shard(path: Path, n_prompts: int, k: int) -> dict | None:
     return shard
 
 
-def auto_max_model_len(source: str, revision: str | None, trust: bool, tokenizer, prompts: Sequence[str],
-                       max_tokens: int) -> int | None:
-    """The engine context when evaluate.max_model_len is null: the longest prompt plus max_tokens, capped at the
-    model's max_position_embeddings (a 128k-context model then reserves KV cache for what the evaluation needs only;
-    a 4k model is not asked for more than it has). None when the model config cannot be read (the engine decides)."""
-    try:
-        from transformers import AutoConfig
-
-        limit = getattr(AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust),
-                        "max_position_embeddings", None)
-    except Exception:  # noqa: BLE001 -- an unreadable config is the engine's to report
-        return None
-    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
-    need = longest + int(max_tokens) + 8  # + special tokens the engine may add (BOS)
-    return min(need, int(limit)) if limit else need
-
-
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     from stages.shared import hardware, models, templates
 
@@ -292,8 +275,13 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     source, revision = models.model_source(inputs["model"])
     trust = bool(cfg.trust_remote_code)
     tokenizer = models.load_tokenizer(source, revision=revision, trust_remote_code=trust)
-    prompts = {name: [templates.render_prompt(r["prompt"], template, tokenizer) for r in rows]
+    # token ids, not text: a template that writes BOS (Llama 3) would get a second one from the engine's tokenizer
+    prompts = {name: [templates.prompt_token_ids(r["prompt"], template, tokenizer) for r in rows]
                for name, rows in benches.items()}
+    think_prefilled = bool(cfg.think_prefilled) or templates.think_prefilled(tokenizer, template)
+    context = models.context_length(source, revision=revision, trust_remote_code=trust)
+    max_tokens = models.fit_to_context("evaluate.max_tokens", max_tokens, context,
+                                       prompt_tokens=max((len(p) for ps in prompts.values() for p in ps), default=0))
 
     # Which shards still need generating (a rerun after a crash resumes from work_dir).
     todo = [(name, start) for name, rows in benches.items() for start in range(0, len(rows), shard_size)
@@ -303,8 +291,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if todo:
         from stages.shared.generation import open_generator
 
-        max_model_len = cfg.max_model_len or auto_max_model_len(
-            source, revision, trust, tokenizer, [p for ps in prompts.values() for p in ps], max_tokens)
+        longest = max((len(p) for ps in prompts.values() for p in ps), default=0)
+        max_model_len = cfg.max_model_len or (min(longest + max_tokens, context) if context
+                                              else longest + max_tokens)
         planned = sum(len(prompts[name][start:start + shard_size]) for name, start in todo) * k * max_tokens
         with open_generator(source, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
                             max_model_len=max_model_len, revision=revision, trust_remote_code=trust,
@@ -339,7 +328,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 langs = [row.get("language") or language for row in shard_rows]
                 scored = score_samples([[s["text"] for s in samples] for samples in shard["samples"]],
                                        [row["answer"] for row in shard_rows], template=template, languages=langs,
-                                       verification=cfg.verification, think_prefilled=bool(cfg.think_prefilled))
+                                       verification=cfg.verification, think_prefilled=think_prefilled)
                 for row, samples, scores, lang in zip(shard_rows, shard["samples"], scored, langs):
                     texts = [s["text"] for s in samples]
                     cons_ok, vote = cons_at_k(scores["answers"], scores["correct"], equivalent)

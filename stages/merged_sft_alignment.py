@@ -33,7 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages.shared import data, generation, hardware, heldout, logs, reward_models, trainers
+from stages.shared import data, generation, hardware, heldout, logs, reward_models, templates, trainers
 from stages.shared.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ForKind:
         return out
 
 
-def reward_functions(acfg, rms: dict, *, from_step: int):
+def reward_functions(acfg, rms: dict, *, from_step: int, think_prefilled: bool = False):
     """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows, the reward models for general rows."""
     from stages.shared import rewards
 
@@ -77,7 +77,8 @@ def reward_functions(acfg, rms: dict, *, from_step: int):
         raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
     funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),
                                                            language=acfg.language,
-                                                           verification=acfg.verification)
+                                                           verification=acfg.verification,
+                                                           think_prefilled=think_prefilled)
     return [ForKind(f, GENERAL if f.__name__ in extra else REASONING) for f in funcs], reward_weights
 
 
@@ -105,9 +106,12 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
 
     rng = random.Random(int(acfg.seed))
     reasoning = data.load_rows(acfg.reasoning_prompts_file, ["prompt", "answer"], "rl_train")
+    reasoning, decontaminated = data.decontaminate(
+        reasoning, data.evaluation_sets(acfg), ngram=int(acfg.decontaminate_ngram),
+        key="merged_sft_alignment.alignment.reasoning_prompts_file")
     rng.shuffle(reasoning)
-    # prompts read per optimizer step, over all processes (each process takes prompts_per_step)
-    per_step = int(acfg.prompts_per_step) * int(os.environ.get("WORLD_SIZE", "1")) // int(acfg.num_iterations)
+    # prompts read per optimizer step (prompts_per_step is over all processes)
+    per_step = int(acfg.prompts_per_step) // int(acfg.num_iterations)
     n_first, n_rest = from_step * per_step, (int(acfg.max_steps) - from_step) * per_step
     n_general = round(n_rest * float(acfg.general_share)) if general else 0
     cycle = lambda rows, n, offset=0: [rows[(offset + i) % len(rows)] for i in range(n)]  # noqa: E731
@@ -118,7 +122,7 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
              for r in cycle(rng.sample(general, len(general)), n_general)]
     rng.shuffle(rest)
     return Dataset.from_list(first + rest), {"reasoning_prompts": n_first + n_rest - n_general,
-                                             "general_prompts": n_general}
+                                             "general_prompts": n_general, **decontaminated}
 
 
 def _reasoning_row(r: dict, acfg) -> dict:
@@ -139,7 +143,7 @@ def rm_scores(model, tokenizer, prompts: list[dict], rms: dict, cfg) -> dict:
     if not prompts or not rms:
         return {}
     k = int(cfg.eval_rm_samples)
-    ids = [heldout.prompt_ids(tokenizer, r["prompt"], str(cfg.template)) for r in prompts for _ in range(k)]
+    ids = [templates.prompt_token_ids(r["prompt"], str(cfg.template), tokenizer) for r in prompts for _ in range(k)]
     torch.manual_seed(int(cfg.seed))
     texts = [s["text"] for s in generation.hf_generate(model, tokenizer, ids,
                                                        max_new_tokens=int(cfg.eval_max_new_tokens),
@@ -172,7 +176,8 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
 def _node(cfg, part: str):
     """cfg.<part> with the stage-level seed, hardware and language pulled in (what trainers.* and TRL configs read)."""
     node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
-    for key in ("seed", "hardware", "verification", "language", "template"):
+    for key in ("seed", "hardware", "verification", "language", "template", "eval_file", "benchmarks",
+                "decontaminate_ngram"):
         node[key] = cfg[key]
     return OmegaConf.create(node)
 
@@ -235,11 +240,15 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         before_file.write_text(json.dumps(before))
     metrics.update({f"before_{k}": v for k, v in before.items()})
 
-    funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step)
+    funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step,
+                                             think_prefilled=templates.think_prefilled(tokenizer, str(acfg.template)))
     dataset, counts = rl_dataset(acfg, general_train, from_step)
     metrics.update({f"rl_{k}": v for k, v in counts.items()})
     ckpt = work_dir / "alignment" / trainers.CHECKPOINT_DIR
-    args = trainers.grpo_args(acfg, ckpt, list(reward_weights))
+    args = trainers.grpo_args(acfg, ckpt, list(reward_weights), key="merged_sft_alignment.alignment",
+                              longest_prompt=templates.longest_prompt(dataset["question"], str(acfg.template),
+                                                                      tokenizer),
+                              context=model.config.get_text_config().max_position_embeddings)
     log.info(f"merged_sft_alignment: alignment RL, {counts}, rewards {dict(acfg.rewards)}, preference rewards from step "
           f"{from_step}/{max_steps}, G={args.num_generations} x {acfg.prompts_per_step} prompts/step, "
           f"T={args.temperature}, beta={args.beta}, loss={args.loss_type}")

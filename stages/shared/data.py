@@ -3,20 +3,27 @@
 A file entry (`data.files.<name>` in conf/data/*.yaml) is one of
     "path/to/file.jsonl" | "path/to/file.parquet"            relative paths resolve against the project root
     {path: local file, columns: {ours: theirs}}               a local file whose columns have other names
-    {hub: id, split: train, subset: null, columns: {...}}     a `datasets.load_dataset` hub dataset
+    {hub: id, split: train, subset: null, data_dir: null, columns: {...}}
+                                                              a `datasets.load_dataset` hub dataset (`hub` may be a
+                                                              local copy of the repository; `split` takes slices:
+                                                              train[:-500]; `data_dir`: a folder of the repository)
 `load_rows` returns plain dicts with our column names, or raises `UserError` naming the file, line, field or key.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterable
 
 from stages.shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = "`python data/arith/prepare.py` regenerates the embedded task world"
@@ -93,9 +100,9 @@ def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> li
         columns = spec.get("columns") or {}
         if not isinstance(columns, dict):
             raise UserError(f"{key}.columns must map our column name to the file's, e.g. {{prompt: problem}}")
-        unknown = sorted(set(spec) - {"path", "hub", "split", "subset", "columns"})
+        unknown = sorted(set(spec) - {"path", "hub", "split", "subset", "data_dir", "columns"})
         if unknown:
-            raise UserError(f"{key}: unknown keys {unknown}; allowed: path, hub, split, subset, columns")
+            raise UserError(f"{key}: unknown keys {unknown}; allowed: path, hub, split, subset, data_dir, columns")
         if ("path" in spec) == ("hub" in spec):
             raise UserError(f"{key} needs exactly one of `path` (a local file) or `hub` (a dataset id)")
         if "path" in spec:
@@ -168,13 +175,18 @@ def _read_hub(spec: dict, key: str):
     except ImportError:  # pragma: no cover
         raise UserError(f"{key}: hub dataset {hub!r} needs the `datasets` package. {hint}") from None
     split = spec.get("split") or "train"
-    if not hub_offline() and not hub_reachable():
+    local = resolve_path(hub)  # a local copy of the dataset repository (same layout) loads like the hub id
+    if local.is_dir():
+        hub = str(local)
+    elif not hub_offline() and not hub_reachable():
         raise UserError(f"{key}: cannot load hub dataset {hub!r}: the hub is unreachable from this machine (if the "
                         f"dataset is in the local cache, HF_HUB_OFFLINE=1 uses it). {hint}")
     try:
-        ds = datasets.load_dataset(hub, spec.get("subset"), split=split)
+        # subset: a config of the dataset (`name`); data_dir: a folder of its repository (hh-rlhf's helpful-base has
+        # no config of its own)
+        ds = datasets.load_dataset(hub, spec.get("subset"), split=split, data_dir=spec.get("data_dir"))
     except Exception as e:  # noqa: BLE001 -- offline, unreachable, unknown id, bad split: all need the same fix
-        why = "HF_HUB_OFFLINE=1 is set and it is not cached" if hub_offline() else \
+        why = "HF_HUB_OFFLINE=1 is set and it is not cached" if hub_offline() and not local.is_dir() else \
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise UserError(f"{key}: cannot load hub dataset {hub!r} (split {split!r}): {why}. {hint}") from None
     label = f"{hub} [{split}]"
@@ -229,3 +241,55 @@ def sft_dataset(dataset_dir: str | Path, max_samples: int | None = None):
         kind = str(r.get("kind") or "reasoning")
         kinds[kind] = kinds.get(kind, 0) + 1
     return Dataset.from_list(out), kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decontamination
+
+_WORD = re.compile(r"\w+")
+
+
+def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Word n-grams of lower-cased text; a text shorter than n words is one gram (the whole of it)."""
+    words = _WORD.findall(str(text).lower())
+    if len(words) < n:
+        return {tuple(words)} if words else set()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def evaluation_sets(cfg) -> dict[str, Any]:
+    """{name: file entry} of what a stage's training rows are decontaminated against: the held-out split
+    (cfg.eval_file, as `heldout`) and every benchmark (cfg.benchmarks)."""
+    sets = {"heldout": cfg.get("eval_file")}
+    sets.update(plain(cfg.get("benchmarks")) or {})
+    return {k: v for k, v in sets.items() if v is not None}
+
+
+def decontaminate(rows: list[dict], against: dict[str, Any], *, ngram: int, key: str,
+                  field: str = "prompt") -> tuple[list[dict], dict[str, int]]:
+    """`rows` without those whose `field` shares a word `ngram`-gram with a question of any evaluation set in
+    `against` ({name: file entry with a prompt column}: the held-out split and every benchmark), as open-r1
+    decontaminates its training sets (8-grams). Returns (kept rows, {"decontaminated_<name>": rows dropped for it,
+    "decontaminated": total}), numbers a stage puts in its manifest metrics. ngram <= 0 turns it off."""
+    if ngram <= 0 or not against:
+        return rows, {"decontaminated": 0}
+    grams: dict[str, set] = {}
+    for name, spec in against.items():
+        if spec is None:
+            continue
+        grams[name] = set().union(*(_ngrams(r["prompt"], ngram)
+                                    for r in load_rows(spec, ["prompt"], f"{key} (decontamination against {name})")))
+    counts = {f"decontaminated_{name}": 0 for name in grams}
+    kept = []
+    for row in rows:
+        hit = next((name for name, g in grams.items() if _ngrams(row.get(field) or "", ngram) & g), None)
+        if hit is None:
+            kept.append(row)
+        else:
+            counts[f"decontaminated_{hit}"] += 1
+    counts["decontaminated"] = len(rows) - len(kept)
+    if counts["decontaminated"]:
+        log.info("%s: %d of %d rows share a %d-gram with an evaluation set and are left out (%s)", key,
+                 counts["decontaminated"], len(rows), ngram,
+                 ", ".join(f"{k.removeprefix('decontaminated_')} {v}" for k, v in counts.items() if k != "decontaminated"))
+    return kept, counts

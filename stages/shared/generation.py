@@ -70,7 +70,10 @@ def resolve_backend(backend: str = "auto", *, planned_tokens: int | None = None,
 
 
 class Generator(abc.ABC):
-    """`generate(prompts, n=, temperature=, top_p=, max_tokens=, seed=)` -> one list of n sample dicts per prompt."""
+    """`generate(prompts, n=, temperature=, top_p=, max_tokens=, seed=)` -> one list of n sample dicts per prompt.
+
+    A prompt is a list of token ids (what the stages pass: templates.prompt_token_ids, so a chat template's BOS is not
+    doubled by a second tokenization) or a string, tokenized by the engine."""
 
     backend: str
 
@@ -80,7 +83,7 @@ class Generator(abc.ABC):
         self.tokens_generated = 0
         self.seconds = 0.0
 
-    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+    def generate(self, prompts: Sequence[str | Sequence[int]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_tokens: int = 64, seed: int | None = None) -> list[list[dict]]:
         out: list[list[dict]] = []
         total = max(1, -(-len(prompts) // self.batch_size))
@@ -166,7 +169,8 @@ class VLLMGenerator(Generator):
         params = [self._sampling_params(n=per, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                         seed=None if seed is None else seed + i * n, skip_special_tokens=True)
                   for i in range(len(prompts)) for _ in range(copies)]
-        outputs = self.llm.generate([p for p in prompts for _ in range(copies)], params, use_tqdm=False)
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate([p for p in inputs for _ in range(copies)], params, use_tqdm=False)
         samples = [{"text": c.text, "num_tokens": len(c.token_ids),
                     "finish_reason": "length" if c.finish_reason == "length" else "stop"}
                    for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]

@@ -18,19 +18,6 @@ from stages.shared.logs import finite
 log = logging.getLogger(__name__)
 
 
-def prompt_ids(tokenizer, question: str, template: str) -> list[int]:
-    """Token ids of a prompt exactly as GRPOTrainer builds them (chat template with a generation prompt for
-    conversational templates, plain tokenization otherwise)."""
-    from stages.shared import templates
-
-    prompt = templates.format_prompt(question, template)
-    if isinstance(prompt, str):
-        return tokenizer(text=prompt)["input_ids"]
-    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = out["input_ids"]
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
-
-
 def evaluate(model, tokenizer, rows: list[dict], *, template: str, verification, num_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
              keep_samples: int = 0) -> dict:
@@ -42,15 +29,19 @@ def evaluate(model, tokenizer, rows: list[dict], *, template: str, verification,
     RL stage's format reward scores 1; strict_accuracy: both; lenient_accuracy: also counts a bare last number equal
     to the gold answer (how often a model that never learnt the format is right); mean_length: completion tokens.
     """
-    from stages.shared import generation, rewards, templates
+    from stages.shared import generation, models, rewards, templates
 
-    prompts = [prompt_ids(tokenizer, r["prompt"], template) for r in rows for _ in range(num_samples)]
+    prompts = [templates.prompt_token_ids(r["prompt"], template, tokenizer) for r in rows for _ in range(num_samples)]
     golds = [str(r["answer"]) for r in rows for _ in range(num_samples)]
+    max_new_tokens = models.fit_to_context(
+        "eval_max_new_tokens", max_new_tokens, getattr(model.config.get_text_config(), "max_position_embeddings", None),
+        prompt_tokens=max((len(p) for p in prompts), default=0))
     outs = generation.hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     batch_size=batch_size)
     texts = [o["text"] for o in outs]
     correct = [v is True for v in rewards.verify_batch(list(zip(texts, golds)), verification)]
-    formatted = [v >= 1.0 for v in rewards.format_reward(texts, template=template)]
+    formatted = [v >= 1.0 for v in rewards.format_reward(
+        texts, template=template, think_prefilled=templates.think_prefilled(tokenizer, template))]
     lenient = []
     for text, gold, ok in zip(texts, golds, correct):
         if not ok and templates.extract_answer(text) is None:

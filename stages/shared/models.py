@@ -199,7 +199,8 @@ def load_model(source: str | os.PathLike, *, revision: str | None = None, trust_
     from transformers import AutoModelForCausalLM
 
     if str(dtype) not in _DTYPES:
-        raise UserError(f"model.dtype={dtype!r}: use one of {sorted(_DTYPES)}")
+        raise UserError(f"dtype={dtype!r} (from hardware.weights_dtype / hardware.bf16): use one of "
+                        f"{sorted(_DTYPES)}")
     name = _DTYPES[str(dtype)]
     torch_dtype = name if name == "auto" else getattr(torch, name)
     src, rev, is_local = _resolve_source(source, revision)
@@ -219,6 +220,37 @@ def load_model(source: str | os.PathLike, *, revision: str | None = None, trust_
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoint artifacts
 # ---------------------------------------------------------------------------------------------------------------------
+def context_length(source: str | os.PathLike, *, revision: str | None = None,
+                   trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (`max_position_embeddings` of its config.json), None when it has none."""
+    from transformers import AutoConfig
+
+    src, rev, is_local = _resolve_source(source, revision)
+    try:
+        config = AutoConfig.from_pretrained(src, revision=rev, trust_remote_code=bool(trust_remote_code),
+                                            **_hub_kwargs(is_local))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {src!r}: cannot read its config.json ({e})") from None
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def fit_to_context(key: str, value: int, limit: int | None, *, prompt_tokens: int = 0) -> int:
+    """`value` (the length that config key `key` asks for) capped so that prompt_tokens + value fit the model's
+    context `limit`. A cap is logged: nothing is cut silently (RoPE past its range, generations truncated by the
+    engine). A prompt that alone fills the context is a UserError naming the key."""
+    value = int(value)
+    if limit is None or prompt_tokens + value <= limit:
+        return value
+    if limit - prompt_tokens < 1:
+        raise UserError(f"{key}: the longest prompt has {prompt_tokens} tokens, the model's whole context "
+                        f"(max_position_embeddings={limit}); shorten or filter the prompts")
+    fitted = limit - prompt_tokens
+    log.warning("%s=%d does not fit the model's context of %d positions%s: using %d", key, value, limit,
+                f" after a {prompt_tokens}-token prompt" if prompt_tokens else "", fitted)
+    return fitted
+
+
 def write_model_ref(directory: str | os.PathLike, source: str, revision: str | None) -> Path:
     """Record a hub/local model the base stage does not copy: `<dir>/model_ref.json` {source, revision}."""
     return write_json(Path(directory) / MODEL_REF, {"source": str(source), "revision": revision})

@@ -83,6 +83,7 @@ class DataConfig:
     language: str = MISSING
     files: Dict[str, Any] = MISSING
     benchmarks: Dict[str, Any] = MISSING
+    decontaminate_ngram: int = MISSING
 
 
 @dataclass
@@ -97,7 +98,6 @@ class ModelConfig:
     source: str = MISSING
     revision: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
-    dtype: str = MISSING
     tokenizer: Optional[ModelTokenizerConfig] = MISSING
     architecture: Optional[Dict[str, Any]] = MISSING
 
@@ -138,6 +138,12 @@ class GrpoKnobs:
     weight_decay: float = MISSING
     use_bias_correction_kl: bool = MISSING
     vllm_importance_sampling_correction: bool = MISSING
+    vllm_importance_sampling_mode: str = MISSING
+    vllm_importance_sampling_clip_max: Optional[float] = MISSING
+    vllm_importance_sampling_clip_min: Optional[float] = MISSING
+    delta: Optional[float] = MISSING
+    importance_sampling_level: str = MISSING
+    off_policy_mask_threshold: Optional[float] = MISSING
     shuffle_dataset: bool = MISSING
 
 
@@ -200,6 +206,8 @@ class ColdStartSftConfig(SftKnobs):
     verification: VerificationConfig = MISSING
     train_file: Any = MISSING
     eval_file: Any = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+    decontaminate_ngram: int = MISSING
     template: str = MISSING
     max_difficulty: Optional[int] = MISSING
     lora: ColdStartSftLoraConfig = MISSING
@@ -214,6 +222,8 @@ class ReasoningGrpoConfig(GrpoKnobs):
     verification: VerificationConfig = MISSING
     train_file: Any = MISSING
     eval_file: Any = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+    decontaminate_ngram: int = MISSING
     template: str = MISSING
     language: str = MISSING
     min_difficulty: Optional[int] = MISSING
@@ -250,6 +260,9 @@ class RejectionSamplingConfig:
     verification: VerificationConfig = MISSING
     prompts_file: Any = MISSING
     general_sft_file: Any = MISSING
+    eval_file: Any = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+    decontaminate_ngram: int = MISSING
     template: str = MISSING
     language: str = MISSING
     backend: str = MISSING
@@ -273,6 +286,7 @@ class RewardModelNodeConfig:
     revision: Optional[str] = MISSING
     scope: str = MISSING
     pairs_file: Any = MISSING
+    eval_pairs_file: Any = MISSING
     num_train_epochs: int = MISSING
     max_steps: int = MISSING
     per_device_train_batch_size: int = MISSING
@@ -315,6 +329,8 @@ class MergedSftAlignmentConfig:
     language: str = MISSING
     template: str = MISSING
     eval_file: Any = MISSING
+    benchmarks: Dict[str, Any] = MISSING
+    decontaminate_ngram: int = MISSING
     eval_samples: int = MISSING
     eval_max_new_tokens: int = MISSING
     eval_rm_samples: int = MISSING

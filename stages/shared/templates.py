@@ -76,6 +76,53 @@ def render_prompt(question: str, template: str, tokenizer: Any = None) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_token_ids(question: str, template: str, tokenizer: Any) -> list[int]:
+    """The token ids a generator is given for ``question``: for ``r1`` the chat template's own tokens (a template
+    that writes the BOS token gets it once, not a second time from the tokenizer: Llama 3), for ``r1_zero`` the plain
+    tokenization (with the BOS the tokenizer adds, if any). GRPOTrainer builds its prompts the same way."""
+    prompt = format_prompt(question, template)
+    if isinstance(prompt, str):
+        return list(tokenizer(text=prompt)["input_ids"])
+    render_prompt(question, template, tokenizer)  # the same checks (a chat template exists) and errors
+    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = out["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def longest_prompt(questions: Any, template: str, tokenizer: Any) -> int:
+    """Tokens of the longest prompt among `questions` (0 for none): what a completion budget must leave room for."""
+    return max((len(prompt_token_ids(q, template, tokenizer)) for q in questions), default=0)
+
+
+_PROBE = "r1flow-probe-7f3a"
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The token the chat template closes an assistant turn with (``<|im_end|>`` for ChatML/Qwen, ``<|eot_id|>`` for
+    Llama 3, the EOS token for R1-Distill), or None when the tokenizer has no chat template or the turn does not end
+    in an added token. A base checkpoint's EOS (``<|endoftext|>``) is usually not it: after chat SFT, generation must
+    stop here."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE}],
+                                         tokenize=False)
+    if _PROBE not in text:
+        return None
+    tail = text[text.rindex(_PROBE) + len(_PROBE):]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if not ids or ids[0] not in tokenizer.added_tokens_decoder:
+        return None
+    return tokenizer.convert_ids_to_tokens(ids[0])
+
+
+def think_prefilled(tokenizer: Any, template: str) -> bool:
+    """Whether the chat template opens ``<think>`` in the generation prompt (DeepSeek-R1-Distill), so completions
+    start inside the reasoning and carry only the closing tag."""
+    if template != "r1" or not getattr(tokenizer, "chat_template", None):
+        return False
+    return render_prompt("q", template, tokenizer).rstrip().endswith(THINK_OPEN)
+
+
 def _content_text(content: Any) -> str | None:
     if isinstance(content, str):
         return content

@@ -346,7 +346,36 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     the returned model, so what is saved is a plain checkpoint. Checkpoints go to work_dir/checkpoints; a rerun
     resumes from the last one.
     """
+    from stages.shared import attention
+
+    trainer = sft_trainer(cfg, model, tokenizer, dataset, work_dir, name=name, callbacks=callbacks, **fields)
+    ckpt = Path(work_dir) / CHECKPOINT_DIR
+    try:
+        train(trainer, ckpt)
+    finally:
+        attention.uncompile(model)  # generation and saving afterwards run the plain modules
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
+        model = model.merge_and_unload()
+    return model, trainer
+
+
+def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: str = "sft",
+                callbacks: list | None = None, **fields):
+    """The SFTTrainer that `sft()` trains (its dataset already tokenized, its masks in place), for a real checkpoint
+    as for the built one:
+
+    - the chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``) becomes the EOS (SFTConfig.eos_token;
+      TRL also adds it to the model's generation_config), so the saved checkpoint stops at the end of its turn in
+      GRPO, vLLM and generate, where a base checkpoint's own EOS (``<|endoftext|>``) would let it run on;
+    - assistant-only loss where the template cannot mark the assistant turn (no ``{% generation %}`` markers and
+      none TRL can patch in: Qwen2.5-Math, Llama 3.1) trains on a conversational prompt/completion split instead
+      (`assistant_loss_format`);
+    - max_length is capped at the model's context (models.fit_to_context: logged).
+    """
     from trl import SFTConfig, SFTTrainer
+
+    from stages.shared import models, templates
 
     packing = cfg["packing"]
     knobs: dict = {}
@@ -357,6 +386,16 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     knobs.update(fields)
     if "text" in dataset.column_names and "messages" not in dataset.column_names:
         knobs["assistant_only_loss"] = False
+    if knobs.get("assistant_only_loss", "assistant_only_loss" in cfg and cfg["assistant_only_loss"]):
+        dataset, knobs["assistant_only_loss"] = assistant_loss_format(dataset, tokenizer, name)
+    max_length = knobs.get("max_length", cfg["max_length"] if "max_length" in cfg else None)
+    if max_length is not None:
+        knobs["max_length"] = models.fit_to_context(
+            f"{name}.max_length", max_length, getattr(model.config.get_text_config(), "max_position_embeddings", None))
+    end_of_turn = templates.end_of_turn_token(tokenizer)
+    if end_of_turn is not None and end_of_turn != tokenizer.eos_token:
+        log.info("%s: EOS %s -> %s (the chat template's end of turn)", name, tokenizer.eos_token, end_of_turn)
+        knobs["eos_token"] = end_of_turn
     ckpt = Path(work_dir) / CHECKPOINT_DIR
     # GPU (conf/hardware/gpu.yaml, stages/shared/attention.py): padding-free batches through varlen attention, compiled layers
     from stages.shared import attention
@@ -368,17 +407,47 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     if attention.compile_for_training(model, hardware):
         knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
-    trainer = build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
-                            processing_class=tokenizer, data_collator=collator,
-                            peft_config=lora_config(cfg["lora"]) if "lora" in cfg else None)
+    return build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer, data_collator=collator,
+                         peft_config=lora_config(cfg["lora"]) if "lora" in cfg else None)
+
+
+def assistant_loss_format(dataset, tokenizer, name: str = "sft"):
+    """(dataset, assistant_only_loss) for a `messages` dataset that asks for the loss on the assistant turns.
+
+    Kept as is when the chat template has `{% generation %}` markers or TRL can patch them in
+    (trl.chat_template_utils.get_training_chat_template: Qwen2.5-Instruct, Llama 3, R1-Distill, ...). Otherwise each
+    conversation becomes a conversational prompt/completion pair, everything before the last assistant turn being the
+    prompt: TRL then puts the loss on the completion, the last assistant turn with its end-of-turn token (earlier
+    assistant turns of a multi-turn conversation carry none). A conversation that does not end in an assistant turn
+    cannot be split so: UserError naming the template."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if "messages" not in dataset.column_names:
+        return dataset, False
+    template = tokenizer.chat_template
+    if has_generation_markers(template):
+        return dataset, True
     try:
-        train(trainer, ckpt)
-    finally:
-        attention.uncompile(model)  # generation and saving afterwards run the plain modules
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
-        model = model.merge_and_unload()
-    return model, trainer
+        get_training_chat_template(tokenizer)
+        return dataset, True
+    except ValueError:
+        pass
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    first_line = (template or "").strip().splitlines()[0][:80] if template else "(none)"
+    for i, messages in enumerate(dataset["messages"]):
+        if not messages or messages[-1].get("role") != "assistant":
+            raise UserError(
+                f"{name}.assistant_only_loss=true: the chat template of {source} (starting {first_line!r}) has no "
+                f"{{% generation %}} markers and TRL cannot patch it, and row {i} does not end with an assistant turn, "
+                f"so it cannot be trained as prompt/completion either. Fix: end every conversation with the assistant "
+                f"turn to train, add {{% generation %}}...{{% endgeneration %}} around the assistant turn (end-of-turn "
+                f"token inside) in the template, or set {name}.assistant_only_loss=false")
+    log.info("%s: the chat template of %s cannot mark assistant turns for the loss; training on prompt/completion "
+             "(loss on the final assistant turn and its end-of-turn token)", name, source)
+    split = dataset.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+                        remove_columns=["messages"])
+    return split, False
 
 
 def build_trainer(trainer_cls, *, name: str, callbacks: list | None = None, **kwargs):
@@ -398,34 +467,58 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, revision: str | None = None):
+# GRPOConfig fields that change what GRPO optimises: each is a key of conf/ (and stages/shared/schema.py) and passes
+# through by name (trl_fields), none left to TRL's default, which moves between TRL releases (use_bias_correction_kl
+# and the vLLM importance-sampling correction arrived on by default). tests/stages/shared/test_grpo_args.py checks
+# that every one follows the config.
+OBJECTIVE_FIELDS = ("beta", "epsilon", "epsilon_high", "delta", "loss_type", "scale_rewards", "num_iterations",
+                    "mask_truncated_completions", "top_entropy_quantile", "importance_sampling_level",
+                    "use_bias_correction_kl", "off_policy_mask_threshold", "vllm_importance_sampling_correction",
+                    "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+                    "vllm_importance_sampling_clip_min", "sync_ref_model", "ref_model_sync_steps",
+                    "ref_model_mixup_alpha", "temperature", "top_p", "max_completion_length")
+
+
+def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, revision: str | None = None, *,
+              longest_prompt: int = 0, context: int | None = None, key: str = "reasoning_grpo"):
     """The GRPOConfig for this stage: the GRPOConfig fields among cfg's keys pass through (conf/ pins every one that
-    changes the objective), plus what r1flow derives: the batch from prompts_per_step x G, the rollout reuse, the
-    reward weights, and vLLM's share of the GPU from the hardware node."""
+    changes the objective, OBJECTIVE_FIELDS), plus what r1flow derives: the batch from prompts_per_step x G, global
+    over all processes (the paper's 32 x 16 per step, split into gradient_accumulation_steps x processes passes),
+    the rollout reuse, the reward weights, max_completion_length capped at the model's `context` after the
+    `longest_prompt` (logged), and vLLM's share of the GPU from the hardware node. `key` names the config node in
+    errors."""
     from trl import GRPOConfig
 
+    from stages.shared import models
+
+    from stages.shared import models
+
     if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        raise UserError(f"{key}.loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     if cfg.scale_rewards not in SCALE_REWARDS:
-        raise UserError(f"scale_rewards={cfg.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+        raise UserError(f"{key}.scale_rewards={cfg.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
     if cfg.sync_ref_model and float(cfg.beta) == 0.0:
-        raise UserError("sync_ref_model=true needs a reference model: set beta > 0 (the paper: 0.001)")
+        raise UserError(f"{key}.sync_ref_model=true needs a reference model: set {key}.beta > 0 (the paper: 0.001)")
     G = int(cfg.num_generations)
     if G < 2:
-        raise UserError(f"num_generations={G}: GRPO needs at least 2 samples per prompt")
-    per_step, accumulation = int(cfg.prompts_per_step) * G, int(cfg.gradient_accumulation_steps)
-    if per_step % accumulation:
-        raise UserError(f"prompts_per_step x num_generations = {per_step} samples per step must divide by "
-                        f"gradient_accumulation_steps={accumulation}")
+        raise UserError(f"{key}.num_generations={G}: GRPO needs at least 2 samples per prompt")
+    per_step, accumulation, processes = int(cfg.prompts_per_step) * G, int(cfg.gradient_accumulation_steps), \
+        world_size()
+    if per_step % (accumulation * processes):
+        raise UserError(f"{key}: prompts_per_step x num_generations = {per_step} samples per step must divide by "
+                        f"gradient_accumulation_steps x processes = {accumulation} x {processes}")
     vllm = cfg.hardware.vllm
+    max_completion = models.fit_to_context(f"{key}.max_completion_length", int(cfg.max_completion_length), context,
+                                           prompt_tokens=longest_prompt)
     fields = dict(
-        # the batch: prompts_per_step prompts x G samples per optimizer step (on one process)
-        per_device_train_batch_size=per_step // accumulation,
+        # the batch: prompts_per_step prompts x G samples per optimizer step, over all processes
+        per_device_train_batch_size=per_step // (accumulation * processes),
         # one rollout feeds steps_per_rollout optimizer steps (the paper: 8,192 outputs split in 16 minibatches);
         # TRL counts steps_per_generation in forward/backward passes
         steps_per_generation=int(cfg.steps_per_rollout) * accumulation,
         reward_weights=reward_weights,
         epsilon_high=float(cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high),  # null: a symmetric clip
+        max_completion_length=max_completion,
         disable_dropout=True,
         log_completions=False,
         vllm_gpu_memory_utilization=float(vllm.gpu_memory_utilization),
@@ -439,6 +532,14 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         # of generation at 32 prompts x 16 x 1,024 tokens on an H100 (18.3k -> 30.7k tokens/s, benchmarks/README.md
         # "GRPO at a 1.5B shape")
         fields["generation_kwargs"] = {"detokenize": False}
+        # colocated: one engine per group of tensor-parallel processes, i.e. data parallel over the rest
+        tp = fields["vllm_tensor_parallel_size"]
+        if int(vllm.data_parallel_size) not in (1, processes // tp):
+            raise UserError(f"hardware.vllm.data_parallel_size={vllm.data_parallel_size}: GRPO's colocated vLLM runs "
+                            f"one engine per {tp} process(es), i.e. data parallel over {processes // tp}; set it to "
+                            f"1 or {processes // tp}")
+    if cfg.use_vllm and longest_prompt:
+        fields["vllm_max_model_length"] = longest_prompt + max_completion  # KV cache for what the rollouts need
     return trainer_args(GRPOConfig, cfg, checkpoint_dir, **fields)
 
 

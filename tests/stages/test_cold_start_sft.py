@@ -55,7 +55,7 @@ def test_loss_is_on_the_assistant_part_only(smoke_base):
 
     cfg = compose_config(["size=smoke"]).cold_start_sft
     model, tok = trainers.load_policy(smoke_base, cfg.hardware)
-    ds = cold_start_sft.build_dataset(cfg).select(range(2))
+    ds = cold_start_sft.build_dataset(cfg)[0].select(range(2))
     args = trainers.trainer_args(__import__("trl").SFTConfig, cfg, "/tmp/unused", max_steps=1,
                                  assistant_only_loss=True, max_length=256)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)

@@ -346,14 +346,3 @@ def test_stage_vllm_backend_one_engine_for_all_benchmarks(tiny_model, eval_file,
     metrics = evaluate.run(cfg, {"model": tiny_model}, out, tmp_path / "work")
     assert len(starts) == 1
     check_real_run(out, metrics, "vllm", 2, 8)
-
-
-def test_auto_max_model_len_fits_the_prompts_and_the_model(tiny_model):
-    from stages.shared import models
-
-    tok = models.load_tokenizer(str(tiny_model))
-    prompts = ["What is 2 + 3?", "What is 7 - 4? " * 5]
-    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    assert evaluate.auto_max_model_len(str(tiny_model), None, False, tok, prompts, 16) == longest + 16 + 8
-    assert evaluate.auto_max_model_len(str(tiny_model), None, False, tok, prompts, 10_000) == 512  # the model's
-    assert evaluate.auto_max_model_len(str(tiny_model / "nope"), None, False, tok, prompts, 16) is None

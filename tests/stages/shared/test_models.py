@@ -128,7 +128,7 @@ def test_load_functions_and_model_source(saved, tmp_path):
     assert models.model_source(ref_dir) == ("Qwen/Qwen2.5-Math-1.5B", "abc123")
     with pytest.raises(UserError, match="not a model checkpoint"):
         models.model_source(tmp_path / "empty")
-    with pytest.raises(UserError, match="model.dtype"):
+    with pytest.raises(UserError, match="dtype=.float13"):
         models.load_model(str(d), dtype="float13")
     with pytest.raises(UserError, match="no such directory"):
         models.load_model("./no/such/dir")

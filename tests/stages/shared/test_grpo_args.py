@@ -1,0 +1,51 @@
+"""GRPOConfig from conf/: every field that changes the objective follows the config, the step batch is global over
+processes, lengths fit the model."""
+import pytest
+
+from pipeline.plan import compose_config
+from stages.shared import trainers
+from stages.shared.errors import UserError
+
+# a value unlike TRL's default for every objective field
+CHANGED = {"beta": 0.01, "epsilon": 10.0, "epsilon_high": 12.0, "delta": 1.5, "loss_type": "grpo",
+           "scale_rewards": "batch", "num_iterations": 2, "mask_truncated_completions": True,
+           "top_entropy_quantile": 0.5, "importance_sampling_level": "sequence", "use_bias_correction_kl": True,
+           "off_policy_mask_threshold": 0.5, "vllm_importance_sampling_correction": False,
+           "vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 2.0,
+           "vllm_importance_sampling_clip_min": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 7,
+           "ref_model_mixup_alpha": 0.5, "temperature": 0.7, "top_p": 0.9, "max_completion_length": 40}
+
+
+def _args(tmp_path, overrides=(), **kwargs):
+    cfg = compose_config([f"reasoning_grpo.{k}={v}" for k, v in overrides]).reasoning_grpo
+    return trainers.grpo_args(cfg, tmp_path, **kwargs)
+
+
+def test_every_objective_field_is_set_from_the_config(tmp_path):
+    assert set(CHANGED) == set(trainers.OBJECTIVE_FIELDS)
+    args = _args(tmp_path, CHANGED.items())
+    for field, value in CHANGED.items():
+        assert getattr(args, field) == value, field
+
+
+def test_the_r1_objective_pins_trls_moving_defaults(tmp_path):
+    from trl import GRPOConfig
+
+    args = _args(tmp_path)
+    assert args.use_bias_correction_kl is False and GRPOConfig.use_bias_correction_kl is True  # TRL's default differs
+    assert args.importance_sampling_level == "token"
+
+
+def test_prompts_per_step_is_global_over_processes(tmp_path, monkeypatch):
+    over = [("prompts_per_step", 8), ("num_generations", 4), ("gradient_accumulation_steps", 2)]
+    assert _args(tmp_path, over).per_device_train_batch_size == 16
+    monkeypatch.setattr(trainers, "world_size", lambda: 4)  # what WORLD_SIZE says under accelerate launch
+    assert _args(tmp_path, over).per_device_train_batch_size == 4  # 8 x 4 samples over 2 x 4 passes
+    monkeypatch.setattr(trainers, "world_size", lambda: 3)
+    with pytest.raises(UserError, match=r"prompts_per_step x num_generations = 32 .* 2 x 3"):
+        _args(tmp_path, over)
+
+
+def test_completions_are_capped_at_the_context_after_the_prompt(tmp_path):
+    args = _args(tmp_path, [("max_completion_length", 8192)], longest_prompt=200, context=4096)
+    assert args.max_completion_length == 3896
