@@ -19,9 +19,9 @@ pytestmark = pytest.mark.e2e
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
 # The fixtures hold 12 OpenR1 rows: the last 4 are the held-out split (the real config holds out 500).
 DATA_OVERRIDES = [
-    f"data.files.rl_train.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.rl_train.split=train[:-4]",
-    f"data.files.rl_eval.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.rl_eval.split=train[-4:]",
-    f"data.files.cold_start.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.cold_start.split=train[:-4]",
+    f"data.files.rl_train.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.rl_train.split='train[:-4]'",
+    f"data.files.rl_eval.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.rl_eval.split='train[-4:]'",
+    f"data.files.cold_start.hub={DATA}/open-r1/OpenR1-Math-220k", "data.files.cold_start.split='train[:-4]'",
     f"data.files.general_sft.hub={DATA}/HuggingFaceH4/ultrachat_200k",
     f"data.files.general_prompts.hub={DATA}/HuggingFaceH4/ultrachat_200k",
     *[f"data.files.{k}.hub={DATA}/Anthropic/hh-rlhf" for k in ("pref_helpfulness", "pref_helpfulness_eval",
@@ -34,7 +34,8 @@ TINY = [
     "size=smoke", "evaluate.backend=hf", "evaluate.num_samples=1", "evaluate.max_questions=3", "evaluate.max_tokens=8",
     "cold_start_sft.max_samples=4", "cold_start_sft.per_device_train_batch_size=2", "cold_start_sft.eval_samples=2",
     "cold_start_sft.eval_max_new_tokens=8", "cold_start_sft.max_length=512",
-    "reasoning_grpo.max_steps=1", "reasoning_grpo.prompts_per_step=2", "reasoning_grpo.num_generations=2",
+    "reasoning_grpo.use_vllm=false", "merged_sft_alignment.alignment.use_vllm=false", "reasoning_grpo.max_steps=1",
+    "reasoning_grpo.prompts_per_step=2", "reasoning_grpo.num_generations=2",
     "reasoning_grpo.max_completion_length=8", "reasoning_grpo.eval_samples=2",
     "rejection_sampling.backend=hf", "rejection_sampling.max_prompts=3", "rejection_sampling.samples_per_prompt=2",
     "rejection_sampling.max_tokens=8",
@@ -52,19 +53,28 @@ TINY = [
 
 
 def run_recipe(root: Path, overrides: list[str]) -> dict[str, tuple[Path, dict]]:
-    """Every stage of the composed recipe, in plan order, in this process: {stage: (artifact dir, metrics)}."""
+    """Every stage of the composed recipe, in plan order, in this process (the runner's subprocesses and Prefect are
+    what tests/e2e/test_pipeline.py covers), published as the runner publishes: {stage: (artifact dir, metrics)}."""
     import importlib
+    from datetime import datetime, timezone
+
+    from pipeline import artifacts
+
+    now = lambda: datetime.now(timezone.utc)  # noqa: E731
 
     cfg = compose_config([*TINY, *DATA_OVERRIDES, f"artifacts_root={root}/a", f"work_root={root}/w", *overrides])
     done: dict[str, tuple[Path, dict]] = {}
     for stage in plan(cfg):
         module = importlib.import_module(f"stages.{stage.module}")
-        out, work = root / "out" / stage.name, root / "work" / stage.name
-        out.mkdir(parents=True)
+        out, work = artifacts.staging_dir(str(root / "a"), stage.name, stage.version), root / "work" / stage.name
         work.mkdir(parents=True)
         inputs = {role: done[producer][0] for role, producer in stage.inputs.items()}
         metrics = module.run(OmegaConf.create(stage.config), inputs, out, work)
-        done[stage.name] = (out, metrics)
+        path = artifacts.publish(str(root / "a"), stage.name, stage.version, out, kind=stage.kind,
+                                 stage=stage.module, inputs={role: {"name": stage.inputs[role], "version": v}
+                                                             for role, v in stage.input_versions.items()},
+                                 config=stage.config, metrics=metrics, started_at=now(), ended_at=now())
+        done[stage.name] = (Path(path), metrics)
     return done
 
 
@@ -112,12 +122,39 @@ def test_training_prompts_are_decontaminated_against_every_benchmark(r1_qwen_mat
 def test_hh_rlhf_transcripts_train_the_reward_models_with_their_test_split_held_out(r1_qwen_math):
     for stage in ("helpfulness_rm", "harmlessness_rm"):
         metrics = r1_qwen_math[stage][1]
-        assert metrics["train_pairs"] in (6, 4) and metrics["eval_pairs"] in (2, 1), stage
+        assert (metrics["train_pairs"], metrics["eval_pairs"]) == {"helpfulness_rm": (6, 2),
+                                                                   "harmlessness_rm": (4, 1)}[stage]
 
 
 def test_evaluation_sets_differ_from_the_rl_prompts(r1_qwen_math):
     summary = json.loads((r1_qwen_math["eval_final"][0] / "summary.json").read_text())
     assert set(summary["benchmarks"]) == {"heldout", "math500", "aime24"}
+    assert (r1_qwen_math["report"][0] / "report.md").is_file()
+
+
+def test_r1_zero_recipe_runs_through_qwen25_instruct(real_models, tmp_path_factory):
+    done = run_recipe(tmp_path_factory.mktemp("r1_zero"),
+                      ["model=qwen2.5-7b-instruct", f"model.source={real_models('qwen2.5-7b-instruct')}",
+                       "data=openr1_math", "recipe=r1_zero"])
+    assert list(done) == ["base", "eval_base", "reasoning_grpo", "eval_reasoning_grpo", "report"]
+    assert done["reasoning_grpo"][1]["decontaminated"] == 2
+
+
+def test_distill_recipe_runs_from_llama_31_into_an_r1_distill_student(real_models, tmp_path_factory):
+    """The teacher chain through Llama 3.1 (a template TRL cannot patch: prompt/completion SFT, <|eot_id|> as EOS),
+    the student a think-prefilled R1-Distill-Qwen (TRL's patched template keeps the reasoning in the target)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    done = run_recipe(tmp_path_factory.mktemp("distill"),
+                      ["model=llama-3.1-8b", f"model.source={real_models('llama-3.1-8b')}",
+                       "model@student=qwen2.5-math-1.5b", f"student.source={real_models('deepseek-r1-distill-qwen-1.5b')}",
+                       "data=openr1_math", "recipe=distill"])
+    assert list(done) == ["base", "cold_start_sft", "reasoning_grpo", "rejection_sampling", "student_base", "distill",
+                          "eval_distill", "report"]
+    teacher = done["cold_start_sft"][0]
+    assert AutoTokenizer.from_pretrained(teacher).eos_token == "<|eot_id|>"
+    assert 128009 in GenerationConfig.from_pretrained(teacher).eos_token_id
+    assert AutoTokenizer.from_pretrained(done["distill"][0]).eos_token == "<｜end▁of▁sentence｜>"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
