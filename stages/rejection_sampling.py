@@ -397,6 +397,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     metrics = {
         "backend": backend,
         "prompts": len(rows),
+        **decontaminated,
         "samples_drawn": drawn,
         "samples_correct": sum(s["correct"] for s in stats),
         "pass_rate": sum(s["pass_rate"] for s in stats) / len(stats),
