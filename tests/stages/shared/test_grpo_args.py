@@ -10,7 +10,7 @@ from stages.shared.errors import UserError
 CHANGED = {"beta": 0.01, "epsilon": 10.0, "epsilon_high": 12.0, "delta": 1.5, "loss_type": "grpo",
            "scale_rewards": "batch", "num_iterations": 2, "mask_truncated_completions": True,
            "top_entropy_quantile": 0.5, "importance_sampling_level": "sequence", "use_bias_correction_kl": True,
-           "off_policy_mask_threshold": 0.5, "vllm_importance_sampling_correction": False,
+           "off_policy_mask_threshold": 0.5, "vllm_importance_sampling_correction": True,
            "vllm_importance_sampling_mode": "token_truncate", "vllm_importance_sampling_clip_max": 2.0,
            "vllm_importance_sampling_clip_min": 0.1, "sync_ref_model": True, "ref_model_sync_steps": 7,
            "ref_model_mixup_alpha": 0.5, "temperature": 0.7, "top_p": 0.9, "max_completion_length": 40}
