@@ -210,3 +210,13 @@ def test_trl_fields_pass_through_under_their_own_names(tmp_path):
     assert args.use_bias_correction_kl is True and args.top_p == 0.9
     default = trainers.grpo_args(compose_config([]).reasoning_grpo, tmp_path)
     assert default.use_bias_correction_kl is False and default.vllm_importance_sampling_correction is False
+
+
+def test_a_real_student_brings_no_preset_and_a_real_model_and_student_compose():
+    """The paper preset follows `model` (conf/preset/<model>.yaml), not `model@student`: a real student alone leaves
+    the embedded budgets, and a real teacher with a real student composes (the preset was included twice before)."""
+    tiny_teacher = compose_config(["model@student=qwen2.5-math-1.5b"])
+    assert tiny_teacher.student.name == "qwen2.5-math-1.5b"
+    assert tiny_teacher.cold_start_sft.learning_rate == compose_config([]).cold_start_sft.learning_rate
+    both = compose_config(["model=llama-3.1-8b", "model@student=qwen2.5-math-1.5b", "recipe=distill"])
+    assert both.cold_start_sft.learning_rate == 5.0e-5 and both.student.source == "Qwen/Qwen2.5-Math-1.5B"
