@@ -147,6 +147,7 @@ def test_distill_recipe_runs_from_llama_31_into_an_r1_distill_student(real_model
 
     done = run_recipe(tmp_path_factory.mktemp("distill"),
                       ["model=llama-3.1-8b", f"model.source={real_models('llama-3.1-8b')}",
+                       "model@student=qwen2.5-math-1.5b",  # the paper's student family, with R1-Distill's files
                        f"student.source={real_models('deepseek-r1-distill-qwen-1.5b')}",
                        "data=openr1_math", "recipe=distill"])
     assert list(done) == ["base", "cold_start_sft", "reasoning_grpo", "rejection_sampling", "student_base", "distill",

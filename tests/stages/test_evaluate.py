@@ -149,14 +149,15 @@ SCRIPT = {  # question -> the k=4 completions
 class ScriptedGenerator:
     backend = "scripted"
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, decode):
+        self.log, self.decode = log, decode
 
     def generate(self, prompts, *, n, temperature, top_p, max_tokens, seed=None):
         self.log.append({"prompts": len(prompts), "n": n, "temperature": temperature, "top_p": top_p,
                          "max_tokens": max_tokens, "seed": seed})
         out = []
         for p in prompts:
+            p = self.decode(p)  # the stage passes token ids, as the engines get them
             texts = next((v for q, v in SCRIPT.items() if q in p), ["<think>?</think> \\boxed{0}"] * n)
             out.append([{"text": texts[j], "num_tokens": 10 + j, "finish_reason": "stop" if j < 3 else "length"}
                         for j in range(n)])
@@ -211,8 +212,10 @@ def scripted(monkeypatch):
 
     @contextlib.contextmanager
     def fake_open(model, **kwargs):
+        from stages.shared import models
+
         opened.append(kwargs)
-        yield ScriptedGenerator(calls)
+        yield ScriptedGenerator(calls, models.load_tokenizer(str(model)).decode)
 
     monkeypatch.setattr("stages.shared.generation.open_generator", fake_open)
     return calls, opened

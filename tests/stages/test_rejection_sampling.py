@@ -162,6 +162,8 @@ class ScriptedGenerator:
     def generate(self, prompts, *, n=1, temperature=1.0, top_p=1.0, max_tokens=64, seed=None):
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
             raise RuntimeError("simulated crash")
+        # the stage passes token ids (one BOS, as the engines get them): the script reads them back as text
+        prompts = [p if isinstance(p, str) else self.decode(p) for p in prompts]
         self.calls.append(list(prompts))
         out = [[s(self.respond(p, j)) for j in range(n)] for p in prompts]
         self.tokens_generated += sum(x["num_tokens"] for o in out for x in o)
@@ -262,7 +264,11 @@ def _patch_generator(monkeypatch, make):
 
     @contextlib.contextmanager
     def fake_open(model, **kw):
+        from stages.shared import models
+
         gen = make(str(model), kw)
+        tokenizer = models.load_tokenizer(str(model))
+        gen.decode = tokenizer.decode if tokenizer is not None else None  # the judge gets text prompts
         created.append((str(model), kw, gen))
         yield gen
 
@@ -322,7 +328,11 @@ def test_stage_judge_decides_what_rules_cannot(tmp_path, monkeypatch, model_dir)
 
     _patch_generator(monkeypatch, make)
     monkeypatch.setattr(rs, "correctness_verdicts", lambda pairs, verification: [None] * len(pairs))
-    monkeypatch.setattr("stages.shared.models.load_tokenizer", lambda *a, **k: None)
+    from stages.shared import models
+
+    load = models.load_tokenizer  # the judge "my-judge" has no tokenizer to load; the sampled model has its own
+    monkeypatch.setattr("stages.shared.models.load_tokenizer",
+                        lambda source, **k: None if source == "my-judge" else load(source, **k))
     cfg = _cfg(tmp_path, _rows(2), _general_rows(4), filters={"judge_model": "my-judge"})
     out = tmp_path / "out"
     out.mkdir()
