@@ -49,6 +49,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         assert local.shape[0] == 64 // world  # really sharded: each process holds half the rows
         trainers.save_model(model, tokenizer, out)
     finally:
+        dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
         dist.destroy_process_group()
 
 
@@ -102,6 +103,7 @@ def _reference_worker(rank: int, world: int, store: str, checkpoint: str) -> Non
             for name, tensor in expected.items():
                 assert torch.equal(state[name], tensor), name
     finally:
+        dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
         dist.destroy_process_group()
 
 
