@@ -103,6 +103,14 @@ class ModelConfig:
 
 
 @dataclass
+class StageNode:
+    """What every verifying stage pulls in from the top of the config (conf/config.yaml)."""
+    seed: int = MISSING
+    hardware: HardwareConfig = MISSING
+    verification: VerificationConfig = MISSING
+
+
+@dataclass
 class GrpoKnobs:
     """What both GRPO runs (reasoning_grpo and the alignment RL of merged_sft_alignment) set."""
     rewards: Dict[str, float] = MISSING
@@ -166,11 +174,8 @@ class SftKnobs:
 
 
 @dataclass
-class BaseConfig:
+class BaseConfig(StageNode):
     model: ModelConfig = MISSING
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
     corpus: Optional[str] = MISSING
     eval_file: Any = MISSING
     max_steps: int = MISSING
@@ -200,10 +205,7 @@ class ColdStartSftLoraConfig:
 
 
 @dataclass
-class ColdStartSftConfig(SftKnobs):
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
+class ColdStartSftConfig(SftKnobs, StageNode):
     train_file: Any = MISSING
     eval_file: Any = MISSING
     benchmarks: Dict[str, Any] = MISSING
@@ -216,10 +218,7 @@ class ColdStartSftConfig(SftKnobs):
 
 
 @dataclass
-class ReasoningGrpoConfig(GrpoKnobs):
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
+class ReasoningGrpoConfig(GrpoKnobs, StageNode):
     train_file: Any = MISSING
     eval_file: Any = MISSING
     benchmarks: Dict[str, Any] = MISSING
@@ -254,10 +253,7 @@ class RejectionSamplingMergeConfig:
 
 
 @dataclass
-class RejectionSamplingConfig:
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
+class RejectionSamplingConfig(StageNode):
     prompts_file: Any = MISSING
     general_sft_file: Any = MISSING
     eval_file: Any = MISSING
@@ -322,10 +318,7 @@ class MergedSftAlignmentAlignmentConfig(GrpoKnobs):
 
 
 @dataclass
-class MergedSftAlignmentConfig:
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
+class MergedSftAlignmentConfig(StageNode):
     language: str = MISSING
     template: str = MISSING
     eval_file: Any = MISSING
@@ -340,11 +333,8 @@ class MergedSftAlignmentConfig:
 
 
 @dataclass
-class DistillConfig(SftKnobs):
+class DistillConfig(SftKnobs, StageNode):
     student_base: BaseConfig = MISSING
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
     eval_file: Any = MISSING
     template: str = MISSING
     eval_samples: int = MISSING
@@ -352,10 +342,7 @@ class DistillConfig(SftKnobs):
 
 
 @dataclass
-class EvaluateConfig:
-    seed: int = MISSING
-    hardware: HardwareConfig = MISSING
-    verification: VerificationConfig = MISSING
+class EvaluateConfig(StageNode):
     eval_file: Any = MISSING
     benchmarks: Dict[str, Any] = MISSING
     template: str = MISSING
