@@ -113,9 +113,12 @@ class Generator(abc.ABC):
 
 
 class VLLMGenerator(Generator):
+    """vLLM's offline engine; with hardware.vllm.data_parallel_size > 1 (or auto: GPUs / tensor_parallel_size), one
+    engine per group of GPUs, each in its own process, and every batch split between them in order. Requests carry
+    their own seeds (seed + prompt index * n), so the samples do not depend on how many engines share the work."""
+
     def __init__(self, model: str, *, revision: str | None, hardware: dict, seed: int, max_model_len: int | None,
                  trust_remote_code: bool = False, dtype: str = "auto", batch_size: int | None = None):
-        super().__init__("vllm", batch_size)
         vcfg = hardware["vllm"]
         kwargs: dict = dict(seed=seed, enforce_eager=bool(vcfg["enforce_eager"]), dtype=dtype,
                             trust_remote_code=trust_remote_code, revision=revision)
@@ -135,13 +138,18 @@ class VLLMGenerator(Generator):
                         "MASTER_PORT"):
                 os.environ.pop(var, None)
 
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             tp = vcfg["tensor_parallel_size"]
-            kwargs["tensor_parallel_size"] = torch.cuda.device_count() if tp in ("auto", None) else int(tp)
+            tp = len(devices) if tp in ("auto", None) else int(tp)
+            dp = len(devices) // tp if vcfg["data_parallel_size"] == "auto" else int(vcfg["data_parallel_size"])
+            if tp * dp > len(devices):
+                raise UserError(f"hardware.vllm: tensor_parallel_size {tp} x data_parallel_size {dp} needs {tp * dp} "
+                                f"GPUs, {len(devices)} visible; lower one of them (or set data_parallel_size: auto)")
+            kwargs["tensor_parallel_size"] = tp
             kwargs["gpu_memory_utilization"] = float(vcfg["gpu_memory_utilization"])
-            if int(vcfg["data_parallel_size"]) > 1:
-                # LLM(data_parallel_size>1) is refused in one process; data parallelism needs one engine per rank.
-                log.warning("hardware.vllm.data_parallel_size > 1 is not supported by the offline engine in one "
-                            "process; using tensor parallelism (%d) only", kwargs["tensor_parallel_size"])
+            # each engine process sees its own GPUs only
+            engine_envs = [{"CUDA_VISIBLE_DEVICES": ",".join(devices[r * tp:(r + 1) * tp])} for r in range(dp)]
         else:
             # Env vars must be in place before vLLM reads them (at engine start); the runner sets the first two too.
             if vcfg["cpu_kvcache_space_gib"]:
@@ -153,39 +161,120 @@ class VLLMGenerator(Generator):
             # generators cannot do ("CPU Generator does not use offset", vLLM 0.32): once a step's prompts exceed
             # the token budget, seeded sampling crashes. Whole prefills only on CPU.
             kwargs["enable_chunked_prefill"] = False
+            # data parallelism on CPU only splits the cores; it exists so the multi-engine path is tested here
+            dp = 1 if vcfg["data_parallel_size"] == "auto" else int(vcfg["data_parallel_size"])
+            engine_envs = [{} for _ in range(dp)]
+        super().__init__("vllm", batch_size or DEFAULT_BATCH["vllm"] * dp)
+        self.llm = None
+        self.engines: list = []
         t0 = time.time()
-        from vllm import LLM, SamplingParams
-
-        self._sampling_params = SamplingParams
-        t1 = time.time()
-        self.llm = LLM(model=model, **kwargs)
+        if dp == 1:
+            self.llm = _start_engine(model, kwargs)
+        else:
+            self.engines = _start_engine_processes(model, kwargs, engine_envs)
         self.startup_seconds = time.time() - t0
-        log.info("vLLM engine for %s up in %.1f s (import %.1f s); %s", model, self.startup_seconds, t1 - t0,
+        log.info("vLLM: %d engine(s) for %s up in %.1f s; %s", dp, model, self.startup_seconds,
                  {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")})
 
     def _generate(self, prompts, *, n, temperature, top_p, max_tokens, seed):
-        # vLLM refuses n > 1 with greedy decoding: send each prompt n times with n = 1 instead
-        copies, per = (n, 1) if temperature == 0 and n > 1 else (1, n)
-        params = [self._sampling_params(n=per, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                        seed=None if seed is None else seed + i * n, skip_special_tokens=True)
-                  for i in range(len(prompts)) for _ in range(copies)]
-        inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
-        outputs = self.llm.generate([p for p in inputs for _ in range(copies)], params, use_tqdm=False)
-        samples = [{"text": c.text, "num_tokens": len(c.token_ids),
-                    "finish_reason": "length" if c.finish_reason == "length" else "stop"}
-                   for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
-        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+        job = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        if self.llm is not None:
+            return _engine_generate(self.llm, prompts, seed=seed, **job)
+        # contiguous shares, one per engine, sent before any is awaited so the engines generate side by side
+        share = -(-len(prompts) // len(self.engines))
+        sent = []
+        for engine, start in zip(self.engines, range(0, len(prompts), share)):
+            engine[0].send(dict(job, prompts=list(prompts[start:start + share]),
+                                seed=None if seed is None else seed + start * n))
+            sent.append(engine)
+        return [samples for engine in sent for samples in _receive(*engine)]
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        self.llm = None
-        import gc
+        if self.llm is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            import gc
 
-        gc.collect()
+            gc.collect()
+        for conn, _ in self.engines:
+            with contextlib.suppress(Exception):
+                conn.send(None)
+        for _, process in self.engines:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+        self.engines = []
+
+
+def _start_engine(model: str, kwargs: dict):
+    t0 = time.time()
+    from vllm import LLM
+
+    log.info("vLLM imported in %.1f s", time.time() - t0)
+    return LLM(model=model, **kwargs)
+
+
+def _engine_generate(llm, prompts, *, n, temperature, top_p, max_tokens, seed) -> list[list[dict]]:
+    from vllm import SamplingParams
+
+    # vLLM refuses n > 1 with greedy decoding: send each prompt n times with n = 1 instead
+    copies, per = (n, 1) if temperature == 0 and n > 1 else (1, n)
+    params = [SamplingParams(n=per, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                             seed=None if seed is None else seed + i * n, skip_special_tokens=True)
+              for i in range(len(prompts)) for _ in range(copies)]
+    inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
+    outputs = llm.generate([p for p in inputs for _ in range(copies)], params, use_tqdm=False)
+    samples = [{"text": c.text, "num_tokens": len(c.token_ids),
+                "finish_reason": "length" if c.finish_reason == "length" else "stop"}
+               for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
+    return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _engine_process(conn, model: str, kwargs: dict, env: dict) -> None:
+    """One data-parallel engine: jobs (the arguments of _engine_generate) in, samples out, until None."""
+    os.environ.update(env)
+    try:
+        llm = _start_engine(model, kwargs)
+        conn.send(("ready", None))
+        for job in iter(conn.recv, None):
+            conn.send(("samples", _engine_generate(llm, **job)))
+    except Exception:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _start_engine_processes(model: str, kwargs: dict, envs: list[dict]) -> list:
+    """One spawned process per engine (a fresh interpreter: CUDA is not inherited, the env is set before vLLM
+    reads it); they start side by side. Returns (pipe end, process) per engine."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    engines = []
+    for rank, env in enumerate(envs):
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_engine_process, args=(child, model, kwargs, env),
+                              name=f"vllm-engine-{rank}")  # not daemonic: vLLM starts its own engine-core process
+        process.start()
+        child.close()
+        engines.append((parent, process))
+    for engine in engines:
+        _receive(*engine)
+    return engines
+
+
+def _receive(conn, process):
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"vLLM engine process {process.name} died (exit code {process.exitcode}); its log is "
+                           f"above") from None
+    if kind == "error":
+        raise RuntimeError(f"vLLM engine process {process.name} failed:\n{payload}")
+    return payload
 
 
 class HFGenerator(Generator):

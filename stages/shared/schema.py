@@ -30,7 +30,7 @@ class RunConfig:
 @dataclass
 class HardwareVllmConfig:
     tensor_parallel_size: Any = MISSING
-    data_parallel_size: int = MISSING
+    data_parallel_size: Any = MISSING  # int or auto
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     cpu_kvcache_space_gib: int = MISSING

@@ -534,7 +534,7 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         fields["generation_kwargs"] = {"detokenize": False}
         # colocated: one engine per group of tensor-parallel processes, i.e. data parallel over the rest
         tp = fields["vllm_tensor_parallel_size"]
-        if int(vllm.data_parallel_size) not in (1, processes // tp):
+        if vllm.data_parallel_size != "auto" and int(vllm.data_parallel_size) not in (1, processes // tp):
             raise UserError(f"hardware.vllm.data_parallel_size={vllm.data_parallel_size}: GRPO's colocated vLLM runs "
                             f"one engine per {tp} process(es), i.e. data parallel over {processes // tp}; set it to "
                             f"1 or {processes // tp}")

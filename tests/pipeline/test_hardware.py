@@ -39,7 +39,8 @@ def test_gpu_composes_with_the_training_settings():
 def test_multi_gpu_composes_with_fsdp_and_accelerate():
     hw = compose_config(["hardware=multi_gpu"]).hardware
     assert hw.launcher == "accelerate" and hw.num_processes == "auto" and hw.num_machines == 1
-    assert hw.fsdp and hw.bf16 and hw.vllm.tensor_parallel_size == "auto"
+    assert hw.fsdp and hw.bf16 and hw.vllm.tensor_parallel_size == 1
+    assert hw.vllm.data_parallel_size == "auto"  # generation: one engine per GPU
     assert {"cold_start_sft", "reasoning_grpo", "merged_sft_alignment"} <= set(hw.distributed_modules)
     assert "evaluate" not in hw.distributed_modules and "rejection_sampling" not in hw.distributed_modules
 

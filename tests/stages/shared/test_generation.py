@@ -178,3 +178,45 @@ def test_vllm_on_a_gpu_starts_its_engine_processes_by_spawn(monkeypatch, tiny_mo
     assert seen["method"] == "spawn"
     assert seen["kwargs"]["tensor_parallel_size"] == 1
     assert seen["kwargs"]["gpu_memory_utilization"] == hardware.vllm.gpu_memory_utilization
+
+
+@pytest.mark.vllm
+def test_vllm_data_parallel_engines_give_the_single_engines_samples(vllm_generator, tiny_model):
+    """data_parallel_size=2: two engine processes, each with a contiguous share of every batch; per-request seeds make
+    the samples those of the one engine, in the same order. Closing ends both processes."""
+    hardware = compose_config(["hardware.vllm.cpu_kvcache_space_gib=1", "hardware.vllm.data_parallel_size=2"]).hardware
+    prompts = PROMPTS + ["User: 9 - 4 = ? Assistant:", "User: 3 * 3 = ? Assistant: <think>"]
+    one = vllm_generator.generate(prompts, n=2, temperature=1.0, top_p=0.95, max_tokens=10, seed=7)
+    with open_generator(tiny_model, backend="vllm", hardware=hardware, seed=0, max_model_len=256) as gen:
+        processes = [process for _, process in gen.engines]
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+        assert gen.batch_size == 2 * vllm_generator.batch_size
+        two = gen.generate(prompts, n=2, temperature=1.0, top_p=0.95, max_tokens=10, seed=7)
+        greedy = gen.generate(prompts[:3], n=2, temperature=0.0, top_p=1.0, max_tokens=6)
+    assert two == one
+    assert greedy == vllm_generator.generate(prompts[:3], n=2, temperature=0.0, top_p=1.0, max_tokens=6)
+    assert not any(p.is_alive() for p in processes)
+
+
+def test_vllm_data_parallel_engines_on_gpus_each_get_their_own(monkeypatch, tiny_model):
+    """On 4 visible GPUs, data_parallel_size auto with tensor_parallel_size 1 (hardware=multi_gpu) starts 4 engines,
+    each seeing one GPU; 2 x 2 splits them in pairs; more than there are GPUs is a UserError naming the keys."""
+    pytest.importorskip("vllm")
+    from stages.shared import generation
+
+    started = []
+    monkeypatch.setattr(generation, "on_cpu", lambda hardware: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,4,5")
+    monkeypatch.setattr(generation, "_start_engine_processes",
+                        lambda model, kwargs, envs: started.append((kwargs, envs)) or [])
+    hardware = compose_config(["hardware=multi_gpu"]).hardware
+    generation.VLLMGenerator(str(tiny_model), revision=None, hardware=hardware, seed=0, max_model_len=None)
+    kwargs, envs = started[-1]
+    assert kwargs["tensor_parallel_size"] == 1
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3", "4", "5"]
+    hardware = compose_config(["hardware=multi_gpu", "hardware.vllm.tensor_parallel_size=2"]).hardware
+    generation.VLLMGenerator(str(tiny_model), revision=None, hardware=hardware, seed=0, max_model_len=None)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in started[-1][1]] == ["2,3", "4,5"]
+    hardware = compose_config(["hardware=multi_gpu", "hardware.vllm.data_parallel_size=8"]).hardware
+    with pytest.raises(UserError, match="data_parallel_size 8 needs 8 GPUs, 4 visible"):
+        generation.VLLMGenerator(str(tiny_model), revision=None, hardware=hardware, seed=0, max_model_len=None)
