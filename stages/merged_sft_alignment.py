@@ -205,6 +205,10 @@ def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
     trainers.save_model(model, tokenizer, done)
     (done / "metrics.json").write_text(json.dumps({"metrics": logs.clean_metrics(metrics),
                                                    "log_history": history}))
+    # RL starts from the saved model, as a resumed run does: under FSDP the trained one is wrapped (FSDPQwen3...), and
+    # a second trainer's FSDP wrap finds no decoder-layer class in it (seen on 2 and 4 H100s)
+    del model, trainer
+    model, tokenizer = trainers.load_policy(done, cfg.hardware)
     return model, tokenizer, metrics, history
 
 

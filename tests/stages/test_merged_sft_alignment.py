@@ -1,6 +1,7 @@
 """Stage `merged_sft_alignment`: SFT from the BASE checkpoint, then GRPO where rule rewards score reasoning prompts and
 reward models score general ones (helpfulness on the summary only), the paper's schedule, and a resumable smoke run."""
 import json
+from pathlib import Path
 import math
 from types import SimpleNamespace
 
@@ -156,14 +157,21 @@ def test_without_a_base_input_the_stage_refuses(tmp_path):
         msa.run(cfg, {"model": tmp_path}, tmp_path / "out", tmp_path / "work")
 
 
-def test_smoke_run_sft_from_base_then_alignment_resumes(smoke_base, stage3_dataset, rm_artifacts, tmp_path):
+def test_smoke_run_sft_from_base_then_alignment_resumes(smoke_base, stage3_dataset, rm_artifacts, tmp_path,
+                                                       monkeypatch):
     # preference rewards from 3/4 of the 4 smoke steps: the first RM-scored step (3) differs from the first step
     cfg = compose_config(["size=smoke", "merged_sft_alignment.alignment.preference_rewards_from=0.75"]).merged_sft_alignment
     inputs = {"base": smoke_base, "dataset": stage3_dataset, "helpfulness_rm": rm_artifacts["helpfulness"],
               "harmlessness_rm": rm_artifacts["harmlessness"]}  # no "model": the RL checkpoint is not an input
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
+    loaded = []
+    load_policy = msa.trainers.load_policy
+    monkeypatch.setattr(msa.trainers, "load_policy", lambda path, hw: loaded.append(Path(path)) or load_policy(path, hw))
     metrics = msa.run(cfg, inputs, out, work)
+    # RL starts from the saved SFT model, not the SFT trainer's object (under FSDP that one is wrapped, and the RL
+    # trainer's FSDP wrap then fails: "Could not find the transformer layer class", on 2 and 4 H100s)
+    assert loaded == [Path(smoke_base), work / "sft" / "model"]
 
     assert metrics["sft_samples"] == 64 and metrics["sft_global_step"] == cfg.sft.max_steps
     assert metrics["global_step"] == cfg.alignment.max_steps and metrics["preference_rewards_from_step"] == 3
