@@ -162,4 +162,84 @@ recipe_vllm() {  # $1: hardware (gpu | multi_gpu), $2: a tag for the files, $3: 
   grep -h -A14 "^stage " "$OUT/recipe_$2.log" | tail -n 15
 }
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Second vLLM lease (issues 16 and 15), 4 GPUs of one host. Call 1: `bash .gpu/bin/device.sh part1`; call 2:
+# `bash .gpu/bin/device.sh part2 check && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease4_start` starts three jobs
+# side by side in their own sessions (setsid: they outlive the call while the machine is held), then
+# `lease4_wait 500`; call 3: `... lease4_wait 120; ... four_gpus` and so on. Each job writes /tmp/jobs/<name>/ and
+# /tmp/jobs/<name>.rc when it ends; `lease4_collect` copies their logs (without progress bars) and JSON into $OUT.
+R1_STAGES=base,cold_start_sft,reasoning_grpo,eval_reasoning_grpo,rejection_sampling,helpfulness_rm,harmlessness_rm,\
+merged_sft_alignment,eval_final
+job() {  # $1: name, $2: CUDA_VISIBLE_DEVICES, then the function to run with OUT=/tmp/jobs/<name>
+  local name=$1 gpus=$2; shift 2
+  mkdir -p /tmp/jobs/$name
+  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=/tmp/jobs/$name; vsetup; "$@"; echo $? > /tmp/jobs/$name.rc ) \
+    > /tmp/jobs/$name/job.log 2>&1
+}
+# the rest of the recipe on 2 GPUs (base to eval_final; the 2-GPU run of the first lease stopped after rejection
+# sampling): training stages under accelerate + FSDP2, GRPO and alignment RL one colocated engine per process,
+# evaluations and rejection sampling one engine per GPU (hardware=multi_gpu's data_parallel_size auto)
+two_gpus_recipe() { RECIPE_TIMEOUT=1500 recipe_vllm multi_gpu 2gpu $R1_STAGES; }
+four_gpus_recipe() { RECIPE_TIMEOUT=1500 recipe_vllm multi_gpu 4gpu $R1_STAGES; }
+# A checkpoint of Qwen2.5-Math-1.5B's real shape (1.54B, tied embeddings, its real tokenizer, chat template and
+# generation config; random weights) through the generating stages on one GPU: its tied lm_head must follow the
+# weight syncs into TRL's colocated engine (issue 15), so GRPO runs with TRL's vLLM importance-sampling correction on,
+# which logs the trainer-vs-vLLM logprob difference of every step (sampling/sampling_logp_difference/*), at a
+# learning rate that moves the weights.
+real_family_recipe() {
+  python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-1.5b || return 1
+  local R1=${R1_VLLM/model=random_300m/model=qwen2.5-math-1.5b model.source=/tmp/fx/qwen2.5-math-1.5b}
+  local t=$(date +%s)
+  timeout 1500 python benchmarks/stage_times.py --run \
+    --stages base,cold_start_sft,reasoning_grpo,eval_reasoning_grpo,rejection_sampling hardware=gpu $R1 \
+    hardware.vllm.gpu_memory_utilization=0.3 reasoning_grpo.gradient_accumulation_steps=32 \
+    reasoning_grpo.vllm_importance_sampling_correction=true reasoning_grpo.learning_rate=1e-5 \
+    artifacts_root=/tmp/art_real work_root=/tmp/work_real --json "$OUT/recipe_real.json" > "$OUT/recipe_real.log" 2>&1
+  echo "== recipe real rc=$? in $(( $(date +%s) - t )) s" | tee -a "$OUT/recipe_real.log"
+  find /tmp/art_real -name log_history.jsonl -path "*reasoning_grpo*" -exec cp {} "$OUT/grpo_log_history.jsonl" \;
+}
+grpo_compile() { python benchmarks/bench_grpo_gpu.py sleep compile > "$OUT/grpo_driver.log" 2>&1; }
+lease4_start() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
+  mkdir -p /tmp/jobs
+  setsid bash benchmarks/lent_gpu.sh job two 0,1 two_gpus_recipe < /dev/null > /dev/null 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh job real 2 real_family_recipe < /dev/null > /dev/null 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh job grpo 3 grpo_compile < /dev/null > /dev/null 2>&1 &
+  sleep 5; ls /tmp/jobs
+}
+lease4_wait() {  # $1: at most this many seconds, until every started job has its .rc
+  local end=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt $end ]; do
+    local running=0
+    for d in /tmp/jobs/*/; do [ -f "${d%/}.rc" ] || running=1; done
+    [ $running = 0 ] && break
+    sleep 10
+  done
+  lease4_collect
+}
+lease4_collect() {
+  for d in /tmp/jobs/*/; do
+    local name=$(basename "$d")
+    echo "== job $name rc=$(cat /tmp/jobs/$name.rc 2>/dev/null || echo running)"
+    mkdir -p "$OUT/$name"
+    for f in "$d"*; do
+      case "$f" in
+        *.log|*.out) grep -v "it/s]\|s/it]\|%|" "$f" | tail -n 3000 > "$OUT/$name/$(basename "$f")" ;;
+        *) cp "$f" "$OUT/$name/" ;;
+      esac
+    done
+    grep -h "^== \|Traceback\|Error\|vLLM: [0-9]* engine\|logp_difference" "$d"*.log 2>/dev/null | cut -c1-300 | tail -n 25
+    grep -h -A14 "^stage " "$d"*.log 2>/dev/null | tail -n 15
+  done
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
+}
+four_gpus() {  # call 3: after the jobs, the recipe on all four GPUs
+  vsetup
+  setsid bash benchmarks/lent_gpu.sh job four 0,1,2,3 four_gpus_recipe < /dev/null > /dev/null 2>&1 &
+  sleep 5
+}
+
 "$@"
