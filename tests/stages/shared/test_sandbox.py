@@ -321,3 +321,20 @@ def test_malformed_tests_name_the_row(tests, message):
     with pytest.raises(UserError, match=message) as err:
         parse_tests(tests, "data/code/rl_train.jsonl:7 (id code-0006)")
     assert "data/code/rl_train.jsonl:7" in str(err.value)
+
+
+def test_verifiable_coding_problems_fixture_through_the_data_config(box):
+    """conf/data/verifiable_code.yaml's column mapping on a local file of the hub set's exact schema: every row's
+    tests parse and its gold solution passes them."""
+    import yaml
+
+    from stages.data import load_rows
+
+    conf = yaml.safe_load((sb.PROJECT_ROOT / "conf" / "data" / "verifiable_code.yaml").read_text())
+    fixture = Path(__file__).parents[1] / "fixtures" / "verifiable_coding_problems_python_tiny.jsonl"
+    spec = {"path": str(fixture), "columns": conf["files"]["rl_train"]["columns"]}
+    rows = load_rows(spec, required=["prompt", "tests"], name="rl_train")
+    assert {t["type"] for r in rows for t in parse_tests(r["tests"], r["id"])} == {"stdin_stdout", "call"}
+    for r in rows:
+        gold = r["gold_standard_solution"].split("```python\n")[1].split("```")[0]
+        assert all(run_tests(box, gold, parse_tests(r["tests"], r["id"]))), r["id"]
