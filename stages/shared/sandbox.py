@@ -91,6 +91,13 @@ def sandbox_from_config(node: Any) -> Sandbox:
     return Sandbox(**node)
 
 
+def default_sandbox() -> Sandbox:
+    """conf/sandbox/default.yaml, for callers without a composed config (a reward function called on its own)."""
+    import yaml
+
+    return sandbox_from_config(yaml.safe_load((PROJECT_ROOT / "conf" / "sandbox" / "default.yaml").read_text()))
+
+
 @dataclass
 class RunResult:
     """status: ok (exit 0) | error (non-zero exit, a signal, the memory limit) | timeout (wall clock or CPU time) |
