@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stages.shared import hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+from stages.shared.rewards.code import code_settings
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,6 @@ def _heldout(cfg, model, tokenizer) -> dict:
     out = {}
     for template in cfg.eval_templates:
         result = heldout.check(model, tokenizer, rows, template=template, verification=cfg.verification,
-                               max_new_tokens=int(cfg.eval_max_new_tokens), label="base")
+                               max_new_tokens=int(cfg.eval_max_new_tokens), label="base", code=code_settings(cfg))
         out.update(heldout.eval_metrics(f"eval_{template}", result))
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stages.shared import hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+from stages.shared.rewards.code import code_settings
 
 log = logging.getLogger(__name__)
 
@@ -79,4 +80,4 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
 
 def _heldout(model, tokenizer, rows, cfg, template, label) -> dict:
     return heldout.check(model, tokenizer, rows, template=template, verification=cfg.verification,
-                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label)
+                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label, code=code_settings(cfg))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stages.shared import data, hardware, heldout, logs, trainers
 from stages.shared.errors import UserError
+from stages.shared.rewards.code import code_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,4 +42,4 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
 def _check(model, tokenizer, cfg, label: str) -> dict:
     rows = heldout.eval_rows(cfg.eval_file, int(cfg.eval_samples), name="distill.eval_file")
     return heldout.check(model, tokenizer, rows, template=str(cfg.template), verification=cfg.verification,
-                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label)
+                         max_new_tokens=int(cfg.eval_max_new_tokens), label=label, code=code_settings(cfg))

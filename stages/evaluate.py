@@ -7,9 +7,14 @@ is sampled k = `num_samples` times at `temperature` (0.6) and `top_p` (0.95), pr
 installed, else transformers) serves all benchmarks of the stage: one engine start.
 
 Per question, from its k samples:
-- correct[j]: the rewards module's verifier (math-verify) on sample j against the gold answer;
+- correct[j]: a math row's sample against the gold answer (the rewards module's verifier, math-verify); a code row's
+  sample (a row with `tests`): its program (the last fenced block of `code_language` in the summary) passes every
+  test in the sandbox;
 - answers[j]: the extracted final answer (templates.extract_answer: last \\boxed{} after </think>, else <answer>);
-- pass@1 = mean(correct) (`pass_at_1`); cons@k: majority vote over the extracted answers (`majority_vote`).
+  for code, the normalised program (`code_answer`: its AST, so comments and layout do not count);
+- pass@1 = mean(correct) (`pass_at_1`); cons@k: majority vote over the extracted answers (`majority_vote`). For code
+  that is a vote over identical normalised programs (not over agreeing outputs on the tests): cons@k is correct when
+  the program written most often passes every test.
 
 Majority vote, defined so that it is deterministic and testable (`majority_vote`):
 1. A sample without an extracted answer (None / empty: unparseable, truncated, no box) casts no vote. A question
@@ -22,7 +27,10 @@ Majority vote, defined so that it is deterministic and testable (`majority_vote`
 3. The group with the most votes wins; a tie goes to the group whose first vote came earliest in sample order (sample
    order is fixed by the seed). cons@k is correct iff the winning group's first sample is correct.
 
-Also: format-compliance rate (the rewards module's format check for the template), language consistency (share of
+A split that mixes math and code rows is also summarised per kind, as benchmarks `<name>-math` and `<name>-code`.
+
+Also: format-compliance rate (the rewards module's format check for the template; for code also exactly one fenced
+block of the language in the summary), language consistency (share of
 target-language words in the reasoning, per sample, averaged), mean response length in tokens, truncation rate.
 
 Artifact (kind evaluation): `records.jsonl` (one line per question and benchmark: id, question, gold, the k extracted
@@ -37,6 +45,7 @@ prompt i of a benchmark samples with a fixed seed whatever the sharding.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import json
 import math
@@ -46,12 +55,13 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from stages.shared import data
+from stages.shared import data, rewards
 from stages.shared.errors import UserError
 from stages.shared.progress import Progress
 from stages.shared.rewards import canonical_answer, verification_metrics, verifier_stats
+from stages.shared.rewards.code import code_settings
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +167,14 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def load_benchmark(spec: Any, name: str, max_questions: int | None = None) -> list[dict]:
-    """Rows {id, prompt, answer, language?} of a benchmark file entry (a path, {path, columns} or {hub, split,
-    columns}); `columns` maps ours (prompt, answer, id) to theirs (MATH-500: {prompt: problem, answer: answer})."""
+    """Rows {id, prompt, answer, language?} (math) or {id, prompt, tests, language?} (code) of a benchmark file entry
+    (a path, {path, columns} or {hub, split, columns}); `columns` maps ours (prompt, answer or tests, id) to theirs
+    (MATH-500: {prompt: problem, answer: answer})."""
     from stages.shared import data
 
     tag = f"benchmark_{name}"
     try:
-        rows = data.load_rows(spec, ["prompt", "answer"], tag)
+        rows = data.load_task_rows(spec, tag)
     except UserError as e:
         key = "evaluate.eval_file" if name == HELDOUT else f"data.benchmarks.{name}"
         raise UserError(str(e).replace(f"data.files.{tag}", key)) from None
@@ -172,8 +183,12 @@ def load_benchmark(spec: Any, name: str, max_questions: int | None = None) -> li
     out = []
     for i, row in enumerate(rows):
         rid = row.get("id", row.get("unique_id"))
-        out.append({"id": str(rid) if rid is not None else f"{name}-{i}", "prompt": str(row["prompt"]),
-                    "answer": str(row["answer"]).strip(), "language": row.get("language")})
+        item = {"id": str(rid) if rid is not None else f"{name}-{i}", "prompt": str(row["prompt"])}
+        if row.get("tests") is not None:
+            item["tests"] = row["tests"]
+        else:
+            item["answer"] = str(row["answer"]).strip()
+        out.append({**item, "language": row.get("language")})
     return out
 
 
@@ -199,28 +214,48 @@ def benchmark_specs(cfg) -> dict[str, Any]:
 # Scoring with the rewards module
 
 
-def score_samples(texts: Sequence[Sequence[str]], golds: Sequence[str], *, template: str,
-                  languages: Sequence[str], verification, think_prefilled: bool = False) -> list[dict]:
-    """For each question (its k sample texts, gold answer, target language): the extracted answers, correctness,
-    format flags and language scores, through the rewards module -- `verify_batch` (math-verify in the bounded pool
-    set by `verification`; None = it cannot tell: the gold answer is prose or does not parse, or the check did not
-    finish: scored wrong and counted as `unverified`), `format_reward` for the template,
-    `language_consistency_reward` (the reasoning part). One batched call each for all questions given."""
-    from stages.shared import rewards, templates
+def code_answer(text: str, code_language: str) -> str | None:
+    """The vote of a code sample for cons@k: its program normalised (comments, blank lines and layout do not count:
+    rewards.code.program_key), as a short digest; None without a program."""
+    from stages.shared.rewards.code import extract_program, program_key
 
+    key = program_key(extract_program(text, code_language))
+    return None if key is None else "program:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def score_samples(texts: Sequence[Sequence[str]], rows: Sequence[Mapping], *, template: str,
+                  languages: Sequence[str], verification, think_prefilled: bool = False,
+                  code: Mapping | None = None) -> list[dict]:
+    """For each question (its k sample texts, its row, target language): the extracted answers, correctness, format
+    flags and language scores, through the rewards module -- `verify_rows` in the bounded pool set by
+    `verification` (math rows: math-verify against the gold answer; code rows: the program passes every test in the
+    sandbox, `code` = {sandbox, code_language}; None = it cannot tell: the gold answer is prose or does not parse, or
+    the check did not finish: scored wrong and counted as `unverified`), `format_reward` for the template (and for
+    code rows `code_format_reward`: one fenced block of the language), `language_consistency_reward` (the reasoning
+    part). A code sample's answer is its normalised program (`code_answer`). One batched call each."""
+    from stages.shared import templates
+    from stages.shared.rewards.code import code_format_reward
+
+    code = dict(code or {})
+    code_language = code.get("code_language", "python")
     flat = [t for ts in texts for t in ts]
-    flat_gold = [g for ts, g in zip(texts, golds) for _ in ts]
+    flat_rows = [row for ts, row in zip(texts, rows) for _ in ts]
     flat_lang = [lang for ts, lang in zip(texts, languages) for _ in ts]
-    verdicts = rewards.verify_batch(list(zip(flat, flat_gold)), verification) if flat else []
+    verdicts = rewards.verify_rows(flat, flat_rows, verification, **code) if flat else []
     formatted = rewards.format_reward(flat, template=template, think_prefilled=think_prefilled) if flat else []
+    code_formatted = code_format_reward(flat, tests=[r.get("tests") for r in flat_rows],
+                                        code_language=code_language) if flat else []
     lang = rewards.language_consistency_reward(flat, language=flat_lang) if flat else []
     out, i = [], 0
-    for ts in texts:
+    for ts, row in zip(texts, rows):
         j = i + len(ts)
+        is_code = rewards.row_kind(row) == "code"
         out.append({
-            "answers": [templates.extract_answer(t) or None for t in ts],
+            "answers": [(code_answer(t, code_language) if is_code else templates.extract_answer(t)) or None
+                        for t in ts],
             "correct": [v is True for v in verdicts[i:j]],
-            "formatted": [float(f or 0.0) >= 1.0 for f in formatted[i:j]],
+            "formatted": [float(f or 0.0) >= 1.0 and (c is None or c >= 1.0)
+                          for f, c in zip(formatted[i:j], code_formatted[i:j])],
             "language_consistency": [float(v) if v is not None and math.isfinite(float(v)) else 0.0
                                      for v in lang[i:j]],
             "unverified": sum(v is None for v in verdicts[i:j]),
@@ -316,6 +351,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
 
     verified_before = verifier_stats()
     equivalent = partial(answers_equivalent, verification=cfg.verification) if cfg.vote_equivalence else None
+    code = code_settings(cfg)
     keep_texts = int(cfg.keep_texts)
     summary: dict[str, dict] = {}
     with open(Path(output_dir) / RECORDS, "w", encoding="utf-8") as out:
@@ -327,14 +363,17 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 shard_rows = rows[start:start + shard_size]
                 langs = [row.get("language") or language for row in shard_rows]
                 scored = score_samples([[s["text"] for s in samples] for samples in shard["samples"]],
-                                       [row["answer"] for row in shard_rows], template=template, languages=langs,
-                                       verification=cfg.verification, think_prefilled=think_prefilled)
+                                       shard_rows, template=template, languages=langs,
+                                       verification=cfg.verification, think_prefilled=think_prefilled, code=code)
                 for row, samples, scores, lang in zip(shard_rows, shard["samples"], scored, langs):
                     texts = [s["text"] for s in samples]
-                    cons_ok, vote = cons_at_k(scores["answers"], scores["correct"], equivalent)
+                    kind = rewards.row_kind(row)
+                    # code votes are normalised programs: identical ones agree, no math equivalence between them
+                    cons_ok, vote = cons_at_k(scores["answers"], scores["correct"],
+                                              equivalent if kind == "math" else None)
                     record = {
-                        "benchmark": name, "id": row["id"], "question": row["prompt"], "gold": row["answer"],
-                        "language": lang, **scores,
+                        "benchmark": name, "kind": kind, "id": row["id"], "question": row["prompt"],
+                        "gold": row.get("answer"), "tests": row.get("tests"), "language": lang, **scores,
                         "lengths": [int(s["num_tokens"]) for s in samples],
                         "finish_reasons": [s.get("finish_reason", "stop") for s in samples],
                         "pass@1": pass_at_1(scores["correct"]),
@@ -344,10 +383,15 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                     records.append(record)
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
             summary[name] = summarize(records)
-            s = summary[name]
-            log.info(f"evaluate: {name}: pass@1={s['pass@1']:.3f} cons@{k}={s['cons@k']:.3f} "
-                  f"format={s['format_rate']:.3f} lang={s['language_consistency']:.3f} "
-                  f"len={s['mean_length']:.1f} ({s['n_questions']} questions)")
+            kinds = sorted({r["kind"] for r in records})
+            if len(kinds) > 1:  # a mixed split: each kind also on its own, so that the report shows code beside math
+                summary.update({f"{name}-{kind}": summarize([r for r in records if r["kind"] == kind])
+                                for kind in kinds})
+            for part in [name] + ([f"{name}-{kind}" for kind in kinds] if len(kinds) > 1 else []):
+                s = summary[part]
+                log.info(f"evaluate: {part}: pass@1={s['pass@1']:.3f} cons@{k}={s['cons@k']:.3f} "
+                         f"format={s['format_rate']:.3f} lang={s['language_consistency']:.3f} "
+                         f"len={s['mean_length']:.1f} ({s['n_questions']} questions)")
 
     backend = "+".join(sorted(backends))
     data.write_json(Path(output_dir) / SUMMARY, {

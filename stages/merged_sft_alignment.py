@@ -33,8 +33,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stages.shared import data, generation, hardware, heldout, logs, reward_models, templates, trainers
+from stages.shared import data, generation, hardware, heldout, logs, reward_models, rewards, templates, trainers
 from stages.shared.errors import UserError
+from stages.shared.rewards.code import code_settings
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,9 @@ class ForKind:
         return out
 
 
-def reward_functions(acfg, rms: dict, *, from_step: int, think_prefilled: bool = False):
-    """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows, the reward models for general rows."""
-    from stages.shared import rewards
-
+def reward_functions(acfg, rms: dict, *, from_step: int, row_kinds: set[str], think_prefilled: bool = False):
+    """(funcs, weights) for GRPOTrainer: the rule rewards for reasoning rows (math answers or code tests), the reward
+    models for general rows. `row_kinds`: the kinds of the RL dataset's reasoning rows (rewards.row_kind)."""
     weights = {str(k): float(v) for k, v in dict(acfg.rewards).items()}
     extra = {name: reward_models.rm_reward(name, model, tok, scope=meta["scope"], from_step=from_step,
                              max_length=meta["max_length"], batch_size=int(acfg.rm_batch_size))
@@ -75,10 +75,11 @@ def reward_functions(acfg, rms: dict, *, from_step: int, think_prefilled: bool =
     missing = sorted(set(RM_INPUTS) & {k for k, v in weights.items() if v} - set(extra))
     if missing:
         raise UserError(f"merged_sft_alignment.alignment.rewards weights {missing}, but no such reward-model input")
-    funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, template=str(acfg.template),
-                                                           language=acfg.language,
+    funcs, reward_weights = rewards.build_reward_functions(weights, extra_rewards=extra, row_kinds=row_kinds,
+                                                           template=str(acfg.template), language=acfg.language,
                                                            verification=acfg.verification,
-                                                           think_prefilled=think_prefilled)
+                                                           think_prefilled=think_prefilled,
+                                                           code_score=acfg.code_score, **code_settings(acfg))
     return [ForKind(f, GENERAL if f.__name__ in extra else REASONING) for f in funcs], reward_weights
 
 
@@ -105,7 +106,7 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
     from stages.shared import data, templates
 
     rng = random.Random(int(acfg.seed))
-    reasoning = data.load_rows(acfg.reasoning_prompts_file, ["prompt", "answer"], "rl_train")
+    reasoning = data.load_task_rows(acfg.reasoning_prompts_file, "rl_train")
     reasoning, decontaminated = data.decontaminate(
         reasoning, data.evaluation_sets(acfg), ngram=int(acfg.decontaminate_ngram),
         key="merged_sft_alignment.alignment.reasoning_prompts_file")
@@ -118,7 +119,7 @@ def rl_dataset(acfg, general: list[dict], from_step: int):
     first = [_reasoning_row(r, acfg) for r in cycle(reasoning, n_first)]
     rest = [_reasoning_row(r, acfg) for r in cycle(reasoning, n_rest - n_general, n_first)]
     rest += [{"prompt": templates.format_prompt(r["prompt"], acfg.template), "question": r["prompt"],
-              "answer": None, "language": r.get("language") or acfg.language, "kind": GENERAL}
+              "answer": None, "tests": None, "language": r.get("language") or acfg.language, "kind": GENERAL}
              for r in cycle(rng.sample(general, len(general)), n_general)]
     rng.shuffle(rest)
     return Dataset.from_list(first + rest), {"reasoning_prompts": n_first + n_rest - n_general,
@@ -129,7 +130,9 @@ def _reasoning_row(r: dict, acfg) -> dict:
     from stages.shared import templates
 
     return {"prompt": templates.format_prompt(r["prompt"], acfg.template), "question": r["prompt"],
-            "answer": str(r["answer"]), "language": r.get("language") or acfg.language, "kind": REASONING}
+            "answer": None if r.get("answer") is None else str(r["answer"]),
+            "tests": None if r.get("tests") is None else json.dumps(r["tests"]),
+            "language": r.get("language") or acfg.language, "kind": REASONING}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,7 +165,8 @@ def measure(model, tokenizer, cfg, eval_rows: list[dict], general_eval: list[dic
     out = {}
     if eval_rows:
         result = heldout.evaluate(model, tokenizer, eval_rows, template=str(cfg.template),
-                                   verification=cfg.verification, max_new_tokens=int(cfg.eval_max_new_tokens))
+                                   verification=cfg.verification, max_new_tokens=int(cfg.eval_max_new_tokens),
+                                   code=code_settings(cfg))
         out.update({k: v for k, v in result.items() if k != "samples"})
     out.update({f"rm_{k}": v for k, v in rm_scores(model, tokenizer, general_eval, rms, cfg).items()})
     log.info(f"merged_sft_alignment: {label}: " + " ".join(f"{k}={v:.3f}" for k, v in out.items()
@@ -177,7 +181,7 @@ def _node(cfg, part: str):
     """cfg.<part> with the stage-level seed, hardware and language pulled in (what trainers.* and TRL configs read)."""
     node = OmegaConf.to_container(cfg[part], resolve=True) if OmegaConf.is_config(cfg) else dict(cfg[part])
     for key in ("seed", "hardware", "verification", "language", "template", "eval_file", "benchmarks",
-                "decontaminate_ngram"):
+                "decontaminate_ngram", "sandbox", "code_language"):
         node[key] = cfg[key]
     return OmegaConf.create(node)
 
@@ -244,9 +248,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         before_file.write_text(json.dumps(before))
     metrics.update({f"before_{k}": v for k, v in before.items()})
 
-    funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step,
-                                             think_prefilled=templates.think_prefilled(tokenizer, str(acfg.template)))
     dataset, counts = rl_dataset(acfg, general_train, from_step)
+    kinds = {rewards.row_kind(r) for r in dataset.select_columns(["answer", "tests"])} - {"general"}
+    funcs, reward_weights = reward_functions(acfg, rms, from_step=from_step, row_kinds=kinds,
+                                             think_prefilled=templates.think_prefilled(tokenizer, str(acfg.template)))
     metrics.update({f"rl_{k}": v for k, v in counts.items()})
     ckpt = work_dir / "alignment" / trainers.CHECKPOINT_DIR
     args = trainers.grpo_args(acfg, ckpt, list(reward_weights), key="merged_sft_alignment.alignment",
@@ -260,7 +265,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     if eval_rows and int(acfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, eval_rows, template=str(acfg.template),
                                                   verification=cfg.verification, every=int(acfg.eval_steps),
-                                                  max_new_tokens=int(cfg.eval_max_new_tokens)))
+                                                  max_new_tokens=int(cfg.eval_max_new_tokens),
+                                                  code=code_settings(cfg)))
     with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
         trainer = trainers.build_trainer(GRPOTrainer, name="alignment", callbacks=[*extra, *(callbacks or [])],
                                          model=model, reward_funcs=funcs, args=args, train_dataset=dataset,

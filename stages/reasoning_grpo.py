@@ -18,6 +18,7 @@ saved model is a plain transformers checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,14 +29,16 @@ from stages.shared.errors import UserError
 log = logging.getLogger(__name__)
 
 def build_dataset(cfg):
-    """(RL prompts, decontamination counts): rows of cfg.train_file rendered with cfg.template, with the gold answer
-    (and language) as columns for the reward functions. cfg.min_difficulty / max_difficulty select a difficulty band;
-    prompts sharing a word n-gram with the held-out split or a benchmark are left out; cfg.max_prompts caps."""
+    """(RL prompts, decontamination counts): rows of cfg.train_file rendered with cfg.template, with what the rewards
+    check as columns: the gold `answer` of a math row, the `tests` of a code row (JSON text; None on the other kind:
+    each reward scores its kind and returns None for the other), and the `language`. cfg.min_difficulty /
+    max_difficulty select a difficulty band; prompts sharing a word n-gram with the held-out split or a benchmark are
+    left out; cfg.max_prompts caps."""
     from datasets import Dataset
 
     from stages.shared import data, templates
 
-    rows = data.load_rows(cfg.train_file, ["prompt", "answer"], "reasoning_grpo.train_file")
+    rows = data.load_task_rows(cfg.train_file, "reasoning_grpo.train_file")
     lo, hi = cfg.min_difficulty, cfg.max_difficulty
     if lo is not None or hi is not None:
         rows = [r for r in rows if r.get("difficulty") is None
@@ -48,7 +51,9 @@ def build_dataset(cfg):
         raise UserError(f"reasoning_grpo.train_file={cfg.train_file!r}: no prompts left after the difficulty filter")
     language = cfg.language
     return Dataset.from_list([{"prompt": templates.format_prompt(r["prompt"], cfg.template), "question": r["prompt"],
-                               "answer": str(r["answer"]), "language": r.get("language") or language}
+                               "answer": None if r.get("answer") is None else str(r["answer"]),
+                               "tests": None if r.get("tests") is None else json.dumps(r["tests"]),
+                               "language": r.get("language") or language}
                               for r in rows]), counts
 
 
@@ -59,17 +64,20 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     from trl import GRPOTrainer
 
     from stages.shared import models, rewards, templates
+    from stages.shared.rewards.code import code_settings
 
     hardware.setup(cfg)
     trainers.check_vllm(cfg)
     _, revision = models.model_source(Path(inputs["model"]))
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
     dataset, decontaminated = build_dataset(cfg)
+    code = code_settings(cfg)
     weights = {str(k): float(v) for k, v in dict(cfg.rewards).items()}
+    kinds = {rewards.row_kind(r) for r in dataset.select_columns(["answer", "tests"])}
     # a chat template that opens <think> in the prompt (R1-Distill): completions carry only the closing tag
     funcs, reward_weights = rewards.build_reward_functions(
-        weights, template=cfg.template, language=cfg.language, verification=cfg.verification,
-        think_prefilled=templates.think_prefilled(tokenizer, cfg.template))
+        weights, row_kinds=kinds, template=cfg.template, language=cfg.language, verification=cfg.verification,
+        think_prefilled=templates.think_prefilled(tokenizer, cfg.template), code_score=cfg.code_score, **code)
     verified_before = rewards.verifier_stats()
     ckpt = Path(work_dir) / trainers.CHECKPOINT_DIR
     args = trainers.grpo_args(cfg, ckpt, list(reward_weights), revision,
@@ -88,7 +96,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     if rows and int(cfg.eval_steps) > 0:
         extra.append(heldout.HeldoutEvalCallback(tokenizer, rows, template=cfg.template,
                                                   verification=cfg.verification, every=int(cfg.eval_steps),
-                                                  max_new_tokens=eval_new))
+                                                  max_new_tokens=eval_new, code=code))
     with trainers.colocated_engine_args(cfg.hardware):  # TRL builds its vLLM engine in the constructor
         trainer = trainers.build_trainer(GRPOTrainer, name="reasoning_grpo", callbacks=[*extra, *(callbacks or [])],
                                          model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
@@ -112,7 +120,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
         metrics.update({f"eval_{k.split('/')[1]}": v for k, v in checks[-1].items() if k.startswith("heldout/")})
     elif rows:
         result = heldout.evaluate(trainer.model, tokenizer, rows, template=cfg.template,
-                                  verification=cfg.verification, max_new_tokens=eval_new)
+                                  verification=cfg.verification, max_new_tokens=eval_new, code=code)
         metrics.update(heldout.eval_metrics("eval", result))
     metrics.update(rewards.verification_metrics(verified_before))
     if "eval_accuracy" in metrics:

@@ -5,9 +5,11 @@ them with non-reasoning SFT data into one dataset -- the input of stage-4 SFT an
    to `work_dir/shards/shard-00012.jsonl` as it finishes: a crash loses at most one shard, a rerun skips finished ones.
 2. Filter each sample (every filter on by default; `filters.*` false/null turns one off), in this order, counting the
    first filter that drops it: truncation (finish_reason == length), format (one think block, a summary, an extractable
-   answer), correctness (rule-based verify against the gold answer; an optional generative judge for the answers the
-   rules cannot check, else dropped as unverifiable), language (share of target-language words in the reasoning),
-   long paragraphs, code blocks, repetition; then per prompt: duplicates and a cap of accepted samples.
+   answer; for a code prompt exactly one fenced block of the code language in the summary), correctness (math: rule-
+   based verify against the gold answer, with an optional generative judge for the answers the rules cannot check,
+   else dropped as unverifiable; code: the program passes every test in the sandbox), language (share of
+   target-language words in the reasoning), long paragraphs, code blocks in the reasoning (the program of a code
+   answer sits in the summary and is not one), repetition; then per prompt: duplicates and a cap of accepted samples.
 3. Merge accepted reasoning samples with the general (non-reasoning) SFT set at `merge.reasoning_to_general_ratio`,
    shuffled with the seed.
 
@@ -33,6 +35,7 @@ from stages.shared.data import load_rows
 from stages.shared.errors import UserError
 from stages.shared.progress import Progress
 from stages.shared.rewards import repetition_score, verification_metrics, verifier_stats
+from stages.shared.rewards.code import code_settings
 from stages.shared.templates import split_reasoning
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ SCHEMA = {
                 "'<think>\\n{reasoning}\\n</think>\\n{summary}'",
     "kind": "'reasoning' (accepted rejection samples) or 'general' (non-reasoning SFT data)",
     "prompt_id": "id of the source prompt (rl prompts file or general SFT file)",
-    "answer": "gold answer of a reasoning prompt; null for general rows",
+    "answer": "gold answer of a math prompt; null for code prompts (checked by their tests) and general rows",
     "language": "language code of the prompt (e.g. en, ru)",
     "category": "general rows: their category; reasoning rows: 'reasoning'",
 }
@@ -89,12 +92,21 @@ def canonical_response(text: str) -> str:
     return f"<think>\n{reasoning}\n</think>\n{summary}"
 
 
-def correctness_verdicts(pairs: list[tuple[str, Any]], verification) -> list[bool | None]:
-    """Rule-based check of (response text, gold answer) pairs: True / False / None (no gold, prose or unparseable,
-    or the check did not finish in time). `verification`: the stage's `verification` config node."""
-    from stages.shared.rewards import verify_batch
+def correctness_verdicts(texts: list[str], rows: list[Mapping], verification, code: Mapping) -> list[bool | None]:
+    """Rule-based check of each response against its prompt row: True / False / None (math: no gold, prose or
+    unparseable, or the check did not finish in time). Math rows by their gold answer, code rows by running every
+    test (`code`: {sandbox, code_language}). `verification`: the stage's `verification` config node."""
+    from stages.shared.rewards import verify_rows
 
-    return verify_batch(pairs, verification) if pairs else []
+    return verify_rows(texts, rows, verification, **code) if texts else []
+
+
+def code_well_formed(text: str, code_language: str) -> bool:
+    """A code answer's format: exactly one fenced block in the summary, in the code language (the code_format
+    reward's definition)."""
+    from stages.shared.rewards.code import code_format_reward
+
+    return code_format_reward([text], tests=[[]], code_language=code_language)[0] == 1.0
 
 
 def _language_share(reasoning: str, language: str) -> float:
@@ -104,13 +116,15 @@ def _language_share(reasoning: str, language: str) -> float:
 
 
 def sample_reason(sample: Mapping, filters: Mapping, *, verdict: bool | None, language: str | None,
-                  kind: str | None = None, template: str = "r1", think_prefilled: bool = False) -> str | None:
+                  template: str = "r1", think_prefilled: bool = False,
+                  code_language: str | None = None) -> str | None:
     """Why one sample is dropped (a name from REASONS), or None to keep it. `verdict` is its correctness (True, False,
-    None = not rule-checkable and not judged)."""
+    None = not rule-checkable and not judged). `code_language`: set for a code prompt (its answer is a program)."""
     text = sample["text"]
     if filters["truncation"] and is_truncated(sample):
         return "truncated"
-    if filters["format"] and not well_formed(text, template, think_prefilled):
+    if filters["format"] and not (well_formed(text, template, think_prefilled) and
+                                  (code_language is None or code_well_formed(text, code_language))):
         return "format"
     if filters["correctness"]:
         if verdict is False:
@@ -124,7 +138,7 @@ def sample_reason(sample: Mapping, filters: Mapping, *, verdict: bool | None, la
     max_par = filters["max_paragraph_chars"]
     if max_par is not None and has_long_paragraph(reasoning, int(max_par)):
         return "long_paragraph"
-    if filters["code_blocks"] and kind != "code" and has_code_block(text):
+    if filters["code_blocks"] and has_code_block(reasoning):
         return "code_block"
     max_rep = filters["max_repeated_ngram_share"]
     if max_rep is not None and repetition_score(reasoning, ngram_size=4) > float(max_rep):
@@ -134,16 +148,19 @@ def sample_reason(sample: Mapping, filters: Mapping, *, verdict: bool | None, la
 
 def filter_prompt(row: Mapping, samples: list[Mapping], filters: Mapping, *, verdicts: list[bool | None],
                   default_language: str | None = None, template: str = "r1",
-                  think_prefilled: bool = False) -> tuple[list[int], list[str | None]]:
+                  think_prefilled: bool = False, code_language: str = "python") -> tuple[list[int], list[str | None]]:
     """Indices of the accepted samples of one prompt and every sample's drop reason (None = accepted)."""
+    from stages.shared.rewards import row_kind
+
     language = row.get("language") or default_language
+    code_language = code_language if row_kind(row) == "code" else None
     reasons: list[str | None] = []
     seen: set[str] = set()
     accepted: list[int] = []
     cap = filters["max_accepted_per_prompt"]
     for i, (s, v) in enumerate(zip(samples, verdicts)):
-        reason = sample_reason(s, filters, verdict=v, language=language, kind=row.get("kind"), template=template,
-                               think_prefilled=think_prefilled)
+        reason = sample_reason(s, filters, verdict=v, language=language, template=template,
+                               think_prefilled=think_prefilled, code_language=code_language)
         if reason is None and filters["dedup"]:
             key = dedup_key(canonical_response(s["text"]))
             reason = "duplicate" if key in seen else None
@@ -162,7 +179,8 @@ def filter_prompt(row: Mapping, samples: list[Mapping], filters: Mapping, *, ver
 def reasoning_row(row: Mapping, text: str, default_language: str | None = None) -> dict:
     return {"messages": [{"role": "user", "content": row["prompt"]},
                          {"role": "assistant", "content": canonical_response(text)}],
-            "kind": "reasoning", "prompt_id": str(row["id"]), "answer": str(row["answer"]),
+            "kind": "reasoning", "prompt_id": str(row["id"]),
+            "answer": None if row.get("answer") is None else str(row["answer"]),
             "language": row.get("language") or default_language, "category": "reasoning"}
 
 
@@ -298,7 +316,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     if n < 1 or int(cfg["shard_size"]) < 1:
         raise UserError("rejection_sampling: samples_per_prompt and shard_size must be at least 1")
 
-    rows = load_rows(cfg["prompts_file"], required=("id", "prompt", "answer"), name="rejection_sampling.prompts_file")
+    rows = data.load_task_rows(cfg["prompts_file"], "rejection_sampling.prompts_file", required=("id", "prompt"))
     rows, decontaminated = data.decontaminate(rows, data.evaluation_sets(cfg), ngram=int(cfg["decontaminate_ngram"]),
                                               key="rejection_sampling.prompts_file")
     if cfg.max_prompts is not None:
@@ -330,8 +348,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
 
     # correctness verdicts (rule-based), then the judge for what the rules cannot check
     verified_before = verifier_stats()
-    flat = correctness_verdicts([(s["text"], row["answer"]) for row, res in zip(rows, results) for s in res["samples"]],
-                                cfg["verification"])
+    code = code_settings(cfg)
+    pairs = [(s["text"], row) for row, res in zip(rows, results) for s in res["samples"]]
+    flat = correctness_verdicts([t for t, _ in pairs], [r for _, r in pairs], cfg["verification"], code)
     verdicts, k = [], 0
     for res in results:
         verdicts.append(flat[k:k + len(res["samples"])])
@@ -358,7 +377,8 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     stats: list[dict] = []
     for row, res, vs in zip(rows, results, verdicts):
         accepted, reasons = filter_prompt(row, res["samples"], filters, verdicts=vs, default_language=default_language,
-                                          template=template, think_prefilled=think_prefilled)
+                                          template=template, think_prefilled=think_prefilled,
+                                          code_language=code["code_language"])
         for s, reason in zip(res["samples"], reasons):
             if reason is not None:
                 counts[reason] += 1

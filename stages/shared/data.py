@@ -19,7 +19,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from stages.shared.errors import UserError
 
@@ -82,11 +82,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> list[dict]:
+def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file",
+              check_row: Callable[[dict, str], None] | None = None) -> list[dict]:
     """All rows of the file entry `spec` (see module doc) with `required` fields present and non-null.
 
     `name` names the setting in error messages: a `data.files` entry (`rl_train` -> `data.files.rl_train`) or a
-    full config key with a dot (`reasoning_grpo.train_file`).
+    full config key with a dot (`reasoning_grpo.train_file`). `check_row(row, where)` may raise a UserError about a
+    row; `where` names its file and line (or hub dataset and row).
     """
     spec = plain(spec)
     required = list(required)
@@ -121,10 +123,28 @@ def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file") -> li
             raise UserError(f"{where(i)}: missing required field {missing[0]!r} (required: {required}); columns "
                             f"present: {sorted(row)}. Map other column names with {key}.columns: "
                             f"{{{missing[0]}: <their column>}}")
+        if check_row is not None:
+            check_row(row, where(i))
         out.append(row)
     if not out:
         raise UserError(f"{where(None)} has no rows ({key})")
     return out
+
+
+def load_task_rows(spec: Any, name: str, required: Iterable[str] = ("prompt",)) -> list[dict]:
+    """Rows of a prompt file (RL prompts, a held-out split, a benchmark), each either math (a gold `answer`) or code
+    (`tests`, see stages/shared/sandbox.py). Test cases are parsed here, so that a malformed one stops the run with
+    an error naming the file, the row and the case, before any training."""
+    from stages.shared.sandbox import parse_tests
+
+    def check(row: dict, where: str) -> None:
+        if row.get("tests") is not None:
+            parse_tests(row["tests"], where if row.get("id") is None else f"{where} (id {row['id']})")
+        elif row.get("answer") is None:
+            raise UserError(f"{where}: a prompt row needs a gold `answer` (math) or `tests` (code); columns present: "
+                            f"{sorted(row)}")
+
+    return load_rows(spec, required, name, check_row=check)
 
 
 def _rename(row: dict, columns: dict, where: str, key: str) -> dict:

@@ -20,31 +20,35 @@ log = logging.getLogger(__name__)
 
 def evaluate(model, tokenizer, rows: list[dict], *, template: str, verification, num_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 256,
-             keep_samples: int = 0) -> dict:
-    """Held-out check on rows ({prompt, answer}): k completions per question (greedy for temperature 0).
+             keep_samples: int = 0, code: dict | None = None) -> dict:
+    """Held-out check on rows ({prompt, answer} for math, {prompt, tests} for code): k completions per question
+    (greedy for temperature 0).
 
     accuracy: share of completions whose final answer (\\boxed{} or <answer>, stages.shared.templates.extract_answer)
-    verifies against the gold answer (rewards.verify_batch with `verification`, the stage's config node) -- what the
-    accuracy reward pays (a check that cannot tell counts as not correct); format_rate: share the
-    RL stage's format reward scores 1; strict_accuracy: both; lenient_accuracy: also counts a bare last number equal
-    to the gold answer (how often a model that never learnt the format is right); mean_length: completion tokens.
+    verifies against the gold answer, or whose program passes all its tests (rewards.verify_rows with `verification`,
+    the stage's config node) -- what the accuracy reward pays (a check that cannot tell counts as not correct);
+    format_rate: share the RL stage's format reward scores 1; strict_accuracy: both; lenient_accuracy: also counts a
+    bare last number equal to the gold answer of a math row (how often a model that never learnt the format is
+    right); mean_length: completion tokens. `code`: {sandbox, code_language} for code rows
+    (stages.shared.rewards.code.code_settings; conf/sandbox/default.yaml when None).
     """
     from stages.shared import generation, models, rewards, templates
 
     prompts = [templates.prompt_token_ids(r["prompt"], template, tokenizer) for r in rows for _ in range(num_samples)]
-    golds = [str(r["answer"]) for r in rows for _ in range(num_samples)]
+    golds = [str(r["answer"]) if r.get("answer") is not None else "tests" for r in rows for _ in range(num_samples)]
     max_new_tokens = models.fit_to_context(
         "eval_max_new_tokens", max_new_tokens, getattr(model.config.get_text_config(), "max_position_embeddings", None),
         prompt_tokens=max((len(p) for p in prompts), default=0))
     outs = generation.hf_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     batch_size=batch_size)
     texts = [o["text"] for o in outs]
-    correct = [v is True for v in rewards.verify_batch(list(zip(texts, golds)), verification)]
+    correct = [v is True for v in rewards.verify_rows(texts, [r for r in rows for _ in range(num_samples)],
+                                                      verification, **(code or {}))]
     formatted = [v >= 1.0 for v in rewards.format_reward(
         texts, template=template, think_prefilled=templates.think_prefilled(tokenizer, template))]
     lenient = []
-    for text, gold, ok in zip(texts, golds, correct):
-        if not ok and templates.extract_answer(text) is None:
+    for i, (text, gold, ok) in enumerate(zip(texts, golds, correct)):
+        if not ok and rows[i // num_samples].get("answer") is not None and templates.extract_answer(text) is None:
             numbers = _NUMBER_RE.findall(text)
             ok = bool(numbers) and numbers[-1] == gold.strip()
         lenient.append(ok)
@@ -69,11 +73,11 @@ _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def eval_rows(path, n: int, *, name: str = "eval_file") -> list[dict]:
-    """The first n rows ({prompt, answer}) of the held-out split."""
-    rows = data.load_rows(path, ["prompt", "answer"], name)
+    """The first n rows ({prompt, answer, tests}: answer for math, tests for code) of the held-out split."""
+    rows = data.load_task_rows(path, name)
     if n and n > 0:
         rows = rows[:n]
-    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+    return [{"prompt": r["prompt"], "answer": r.get("answer"), "tests": r.get("tests")} for r in rows]
 
 
 def eval_metrics(prefix: str, result: dict) -> dict:
@@ -84,13 +88,14 @@ class HeldoutEvalCallback(TrainerCallback):
     """Held-out accuracy every `every` steps (and at step 0), appended to the log history as heldout/* entries."""
 
     def __init__(self, tokenizer, rows: list[dict], *, template: str, verification, every: int, max_new_tokens: int,
-                 batch_size: int = 256):
+                 batch_size: int = 256, code: dict | None = None):
         self.tokenizer, self.rows, self.template, self.verification = tokenizer, rows, template, verification
         self.every, self.max_new_tokens, self.batch_size = every, max_new_tokens, batch_size
+        self.code = code
 
     def _run(self, state, model):
         result = evaluate(model, self.tokenizer, self.rows, template=self.template, verification=self.verification,
-                          max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                          max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, code=self.code)
         entry = {f"heldout/{k}": v for k, v in result.items() if k != "samples"}
         entry["step"] = state.global_step
         state.log_history.append(entry)
@@ -109,11 +114,11 @@ class HeldoutEvalCallback(TrainerCallback):
 
 
 def check(model, tokenizer, rows: list[dict], *, template: str, verification, max_new_tokens: int,
-          label: str) -> dict:
+          label: str, code: dict | None = None) -> dict:
     """Greedy held-out accuracy / format rate / length on `rows`, logged with two sample completions: the before/after
     check of the stages that train."""
     result = evaluate(model, tokenizer, rows, template=template, verification=verification,
-                      max_new_tokens=max_new_tokens, keep_samples=2)
+                      max_new_tokens=max_new_tokens, keep_samples=2, code=code)
     for s in result.pop("samples", []):
         log.info("  %r -> %r (gold %s)", s["prompt"], s["completion"], s["gold"])
     log.info("held-out %s [%s]: accuracy=%.3f format=%.3f len=%.1f", label, template, result["accuracy"],

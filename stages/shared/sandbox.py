@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import UserError  # stages.shared.errors after the layout commit
+from stages.shared.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ def s(text, finish="stop"):
     return {"text": text, "num_tokens": len(text.split()), "finish_reason": finish}
 
 
-def reason(text, *, verdict=True, finish="stop", language="en", kind="reasoning", **overrides):
-    return rs.sample_reason(s(text, finish), {**FILTERS, **overrides}, verdict=verdict, language=language, kind=kind)
+def reason(text, *, verdict=True, finish="stop", language="en", code_language=None, **overrides):
+    return rs.sample_reason(s(text, finish), {**FILTERS, **overrides}, verdict=verdict, language=language,
+                            code_language=code_language)
 
 
 # ---- filters: kept and dropped ----
@@ -62,8 +63,9 @@ def test_format_with_think_prefilled_by_the_prompt():
 
 def test_correctness_uses_the_rule_verifier():
     verification = compose_config([]).verification
-    assert rs.correctness_verdicts([(GOOD, "15"), (GOOD, "16"), ("no answer here", "15"), (GOOD, ""),
-                                    (GOOD, "fifteen apples")], verification) == [True, False, False, None, None]
+    rows = [{"answer": "15"}, {"answer": "16"}, {"answer": "15"}, {"answer": ""}, {"answer": "fifteen apples"}]
+    assert rs.correctness_verdicts([GOOD, GOOD, "no answer here", GOOD, GOOD], rows, verification, {}) == \
+        [True, False, False, None, None]
     assert reason(GOOD, verdict=False) == "incorrect"
     assert reason(GOOD, verdict=None) == "unverifiable"
     assert reason(GOOD, verdict=False, correctness=False) is None
@@ -88,11 +90,22 @@ def test_long_paragraphs():
     assert rs.has_long_paragraph("a\n\n" + "b" * 11, 10) and not rs.has_long_paragraph("a\n\nbbbbbbbbbb", 10)
 
 
-def test_code_blocks():
+def test_code_blocks_in_the_reasoning_only():
     code = "<think>\n```python\nprint(7+8)\n```\n</think>\nThe answer is \\boxed{15}"
     assert reason(code) == "code_block"
-    assert reason(code, kind="code") is None                     # code tasks keep their code
     assert reason(code, code_blocks=False) is None
+    program = "<think>\nx plus 7 is x + 7.\n</think>\nHere is the function:\n```python\ndef f(x):\n    return x + 7\n```"
+    assert reason(program, code_language="python") is None      # a code answer's program sits in the summary
+    in_reasoning = "<think>\n```python\nx + 7\n```\n</think>\n" + program.split("</think>\n")[1]
+    assert reason(in_reasoning, code_language="python") == "code_block"
+
+
+def test_code_answers_need_one_block_of_the_language():
+    one = "<think>\nx plus 7\n</think>\n```python\ndef f(x):\n    return x + 7\n```"
+    assert reason(one, code_language="python") is None
+    assert reason(one.replace("```python", "```js"), code_language="python") == "format"
+    assert reason(one + "\n```python\nf(1)\n```", code_language="python") == "format"
+    assert reason("<think>\nx plus 7\n</think>\nx + 7", code_language="python") == "format"
 
 
 def test_repetition():
@@ -327,7 +340,7 @@ def test_stage_judge_decides_what_rules_cannot(tmp_path, monkeypatch, model_dir)
         return ScriptedGenerator(_scripted_answer)
 
     _patch_generator(monkeypatch, make)
-    monkeypatch.setattr(rs, "correctness_verdicts", lambda pairs, verification: [None] * len(pairs))
+    monkeypatch.setattr(rs, "correctness_verdicts", lambda texts, rows, verification, code: [None] * len(texts))
     from stages.shared import models
 
     load = models.load_tokenizer  # the judge "my-judge" has no tokenizer to load; the sampled model has its own

@@ -3,6 +3,9 @@ function), one module per scorer in the manner of verl's ``reward_score/``:
 
 - ``accuracy``: the final answer against the gold ``answer`` column by math-verify (:func:`accuracy_reward`,
   :func:`verify`, :func:`verify_batch`), the one answer normaliser (:func:`canonical_answer`)
+- ``code``: the program in the summary against the row's tests, each run in the sandbox (:func:`code_accuracy_reward`,
+  :func:`code_format_reward`, :func:`extract_program`); :func:`accuracy_reward` routes code rows (``tests``) there
+  and math rows (``answer``) to math-verify (:func:`row_kind`, :func:`verify_rows`)
 - ``verification``: the bounded process pool every verifying check runs in (per-call timeout, retry, None when a
   check cannot finish), set by the ``verification`` config node
 - ``format``: one well-formed think block, then the answer part (:func:`format_reward`, :func:`is_well_formed`)
@@ -19,9 +22,10 @@ score the same; non-string garbage never raises and scores 0.0. A new reward is 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from stages.shared.errors import UserError
 from stages.shared.rewards import accuracy, verification
@@ -30,9 +34,12 @@ from stages.shared.rewards.accuracy import (
     canonical_answer,
     check_answer,
     normalize_answer,
+    row_kind,
     verify,
     verify_batch,
+    verify_rows,
 )
+from stages.shared.rewards.code import code_accuracy_reward, code_format_reward, extract_program
 from stages.shared.rewards.format import format_reward, is_well_formed
 from stages.shared.rewards.guards import (
     length_penalty,
@@ -44,11 +51,15 @@ from stages.shared.rewards.guards import (
 from stages.shared.rewards.language import language_consistency, language_consistency_reward, resolve_language
 from stages.shared.templates import check_template
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "REWARDS", "BoundReward", "accuracy_reward", "build_reward_functions", "canonical_answer", "check_answer",
-    "format_reward", "is_well_formed", "language_consistency", "language_consistency_reward", "length_penalty",
+    "code_accuracy_reward", "code_format_reward", "extract_program", "format_reward", "is_well_formed",
+    "language_consistency", "language_consistency_reward", "length_penalty",
     "normalize_answer", "overlong_penalty", "register_reward", "repetition_penalty", "repetition_score",
-    "resolve_language", "tag_count_penalty", "verification_metrics", "verifier_stats", "verify", "verify_batch",
+    "resolve_language", "row_kind", "tag_count_penalty", "verification_metrics", "verifier_stats", "verify",
+    "verify_batch", "verify_rows",
 ]  # fmt: skip
 
 
@@ -73,6 +84,8 @@ RewardFn = Callable[..., list]
 
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy_reward,
+    "code_accuracy": code_accuracy_reward,
+    "code_format": code_format_reward,
     "format": format_reward,
     "language_consistency": language_consistency_reward,
     "length_penalty": length_penalty,
@@ -136,8 +149,15 @@ class AsyncBoundReward(BoundReward):
         return await self.fn(completions=completions, **self._kwargs(kwargs))
 
 
+# rewards that score rows of one kind only (None elsewhere): off when the dataset has no row of that kind
+ROW_KIND_OF_REWARD = {"code_accuracy": "code", "code_format": "code"}
+# rewards that check in the verification pool: they need the `verification` node bound
+VERIFYING_REWARDS = (accuracy_reward, code_accuracy_reward)
+
+
 def build_reward_functions(
-    weights: Mapping[str, float], *, extra_rewards: Mapping[str, RewardFn] | None = None, **bind: Any
+    weights: Mapping[str, float], *, extra_rewards: Mapping[str, RewardFn] | None = None,
+    row_kinds: Iterable[str] | None = None, **bind: Any
 ) -> tuple[list, list[float]]:
     """``{name: weight}`` (the stage config's ``rewards``) -> (reward functions for TRL, their weights).
 
@@ -146,7 +166,8 @@ def build_reward_functions(
     function receives unless the dataset has that column (e.g. ``template="r1_zero"``, ``language="en"``,
     ``verification=cfg.verification``, ``max_completion_length=1024``); the accuracy reward needs ``verification``.
     ``extra_rewards``: more name -> function entries, looked up before :data:`REWARDS` (a ``torch.nn.Module`` reward
-    model is passed to TRL as is).
+    model is passed to TRL as is). ``row_kinds``: the kinds of rows in the dataset (:func:`row_kind`); a reward
+    for another kind only (``code_format`` on a math dataset) is left out, since it would score nothing.
     """
     if weights is None or not any(w != 0 for w in dict(weights).values()):
         raise UserError("no rewards configured: set `rewards: {accuracy: 1.0, format: 1.0}` (name -> weight)")
@@ -169,9 +190,12 @@ def build_reward_functions(
             raise UserError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
         if weight == 0:
             continue
+        if row_kinds is not None and ROW_KIND_OF_REWARD.get(name) not in (None, *row_kinds):
+            log.info("reward %s left out: the dataset has no %s rows", name, ROW_KIND_OF_REWARD[name])
+            continue
         fn = registry[name]
-        if fn is accuracy_reward and "verification" not in bind:
-            raise UserError("the accuracy reward checks answers in the verification pool: pass "
+        if fn in VERIFYING_REWARDS and "verification" not in bind:
+            raise UserError(f"the {name} reward checks answers in the verification pool: pass "
                             "verification=cfg.verification (the `verification` node, conf/verification/)")
         if _is_torch_module(fn):
             funcs.append(fn)

@@ -5,7 +5,9 @@
 - :func:`check_answer`: one (gold, answer) check with math-verify's own timeouts; it runs in the verification pool's
   workers (:mod:`stages.shared.rewards.verification`).
 - :func:`verify_batch`, :func:`verify`: extract the answer, check it in the pool (deduplicated, cached).
-- :func:`accuracy_reward`: the reward, with TRL's signature.
+- :func:`accuracy_reward`: the reward, with TRL's signature, routed by row kind (:func:`row_kind`): math rows by
+  their gold answer here, code rows (``tests``) by running the program in the sandbox (:mod:`.code`), in the same
+  pool; :func:`verify_rows`: the verdicts of rows of either kind (evaluation, rejection sampling, held-out checks).
 
 A verdict is True, False or None: None when the gold answer is missing, is not mathematics (prose such as
 ``forty two``) or does not parse, and when the check did not finish within ``verification.timeout_s`` (retried
@@ -20,10 +22,11 @@ import re
 import threading
 from collections import Counter
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from stages.shared.errors import UserError
 from stages.shared.progress import Progress
+from stages.shared.rewards import code
 from stages.shared.rewards.batch import completion_list, per_row, warn_once
 from stages.shared.rewards.verification import run_all, settings
 from stages.shared.schema import VerificationConfig
@@ -330,20 +333,71 @@ def verify(prediction_text: Any, gold: Any, verification: Any) -> bool | None:
     return verify_batch([(prediction_text, gold)], verification)[0]
 
 
+def row_kind(row: Mapping[str, Any]) -> str:
+    """"code" for a row with test cases, "math" for one with a gold answer, else "general"."""
+    if row.get("tests") is not None:
+        return "code"
+    return "math" if row.get("answer") is not None else "general"
+
+
+def verify_rows(texts: Sequence[Any], rows: Sequence[Mapping[str, Any]], verification: Any, *,
+                sandbox: Any = None, code_language: str = "python") -> list[bool | None]:
+    """Whether each text is right for its row, for rows of either kind (:func:`row_kind`), all checked in the pool
+    set by ``verification``: a math row's final answer verifies against its ``answer`` (:func:`verify_batch`); a
+    code row's program passes every one of its ``tests`` in the sandbox (``sandbox``: a
+    :class:`~stages.shared.sandbox.Sandbox`, conf/sandbox/default.yaml when None). None: cannot tell (see
+    :func:`verify_batch`; a program check that did not finish), and for other rows."""
+    if len(texts) != len(rows):
+        raise ValueError(f"{len(texts)} texts for {len(rows)} rows")
+    kinds = [row_kind(r) for r in rows]
+    out: list[bool | None] = [None] * len(texts)
+    math_idx = [i for i, k in enumerate(kinds) if k == "math"]
+    if math_idx:
+        for i, v in zip(math_idx, verify_batch([(texts[i], rows[i]["answer"]) for i in math_idx], verification)):
+            out[i] = v
+    code_idx = [i for i, k in enumerate(kinds) if k == "code"]
+    if code_idx:
+        scores = code.code_accuracy_reward([texts[i] for i in code_idx], tests=[rows[i]["tests"] for i in code_idx],
+                                           verification=verification, sandbox=sandbox, code_language=code_language,
+                                           code_score="all")
+        for i, score in zip(code_idx, scores):
+            out[i] = None if score is None else score >= 1.0
+    return out
+
+
 _MISSING = object()
 
 
-def accuracy_reward(completions: Sequence[Any], answer: Any = _MISSING, verification: Any = None,
+def accuracy_reward(completions: Sequence[Any], answer: Any = _MISSING, tests: Any = None, verification: Any = None,
                     **kwargs: Any) -> list[float | None]:
-    """1.0 when the final answer equals the gold ``answer`` (math-verify), 0.0 when wrong or missing, None when the
-    check cannot tell (see :func:`verify_batch`; rows without a gold answer, such as general prompts mixed into the
-    final RL stage, included). ``verification`` (bound by ``build_reward_functions``): the config node."""
+    """Routed by row kind. A code row (``tests`` not None): the score of the summary's program on the tests
+    (:func:`stages.shared.rewards.code.code_accuracy_reward`: share passed or all-or-nothing, ``code_score``; kwargs
+    ``sandbox``, ``code_language``, ``code_score``). A math row: 1.0 when the final answer equals the gold
+    ``answer`` (math-verify), 0.0 when wrong or missing. None when the check cannot tell (see :func:`verify_batch`;
+    rows without a gold answer or tests, such as general prompts mixed into the final RL stage, included). Both kinds
+    are checked in the pool set by ``verification`` (bound by ``build_reward_functions``: the config node)."""
     completions = completion_list(completions)
-    if answer is _MISSING:
+    n = len(completions)
+    test_rows = per_row(tests, n, "tests")
+    is_code = [t is not None for t in test_rows]
+    if answer is _MISSING and not any(is_code):
         raise UserError(
             "the accuracy reward needs the gold answer as the dataset column `answer` (map it with "
-            "`columns: {answer: <their column>}` in conf/data), or drop `accuracy` from `rewards`"
+            "`columns: {answer: <their column>}` in conf/data), or test cases as the column `tests`, or drop "
+            "`accuracy` from `rewards`"
         )
-    golds = per_row(answer, len(completions), "answer")
-    return [None if v is None else 1.0 if v else 0.0
-            for v in verify_batch(list(zip(completions, golds)), verification)]
+    golds = per_row(None if answer is _MISSING else answer, n, "answer")
+    out: list[float | None] = [None] * n
+    math_idx = [i for i in range(n) if not is_code[i]]
+    if math_idx:
+        verdicts = verify_batch([(completions[i], golds[i]) for i in math_idx], verification)
+        for i, v in zip(math_idx, verdicts):
+            out[i] = None if v is None else 1.0 if v else 0.0
+    code_idx = [i for i in range(n) if is_code[i]]
+    if code_idx:
+        scores = code.code_accuracy_reward([completions[i] for i in code_idx],
+                                           tests=[test_rows[i] for i in code_idx],
+                                           verification=verification, **kwargs)
+        for i, score in zip(code_idx, scores):
+            out[i] = score
+    return out

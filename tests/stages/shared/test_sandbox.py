@@ -14,10 +14,7 @@ import pytest
 from stages.shared import sandbox as sb
 from stages.shared.sandbox import Sandbox, outputs_match, parse_tests, run_python, run_tests, score
 
-try:
-    from stages.shared.errors import UserError
-except ImportError:  # before the layout commit
-    from stages.errors import UserError
+from stages.shared.errors import UserError
 
 LIMITS = dict(python="python3", cpu_s=1, wall_s=2, memory_mb=256, processes=16, file_mb=4, open_files=64,
               output_bytes=64 * 1024, allow_without_namespaces=False)
@@ -328,7 +325,7 @@ def test_verifiable_coding_problems_fixture_through_the_data_config(box):
     tests parse and its gold solution passes them."""
     import yaml
 
-    from stages.data import load_rows
+    from stages.shared.data import load_rows
 
     conf = yaml.safe_load((sb.PROJECT_ROOT / "conf" / "data" / "verifiable_code.yaml").read_text())
     fixture = Path(__file__).parents[1] / "fixtures" / "verifiable_coding_problems_python_tiny.jsonl"
