@@ -118,17 +118,13 @@ READS_RU = {"int": "читает целое число x"}
 TEXT = {
     "en": {"function": "Write a Python function {name}({arg}) that returns {rule}.",
            "program": "Write a Python program that {reads} and prints {rule}.",
-           "think_function": "The function takes {arg} and returns {rule}.",
-           "think_program": "The program {reads} and prints {rule}.",
-           "python": "In Python that is {expr}.", "check": "Check: {call} gives {result}.",
+           "python": "{rule} is {expr} in Python.", "check": "Check: {call} gives {result}.",
            "brief_function": "{name}({arg}) returns {expr}.", "brief_program": "Read {arg}, print {expr}.",
            "summary_function": "Here is the function:", "summary_program": "Here is the program:",
            "task": "Task", "code": "Code", "reasoning": "Reasoning"},
     "ru": {"function": "Напишите функцию {name}({arg}) на Python, которая возвращает {rule}.",
            "program": "Напишите программу на Python, которая {reads} и печатает {rule}.",
-           "think_function": "Функция принимает {arg} и возвращает {rule}.",
-           "think_program": "Программа {reads} и печатает {rule}.",
-           "python": "На Python это {expr}.", "check": "Проверка: {call} даёт {result}.",
+           "python": "{rule} на Python это {expr}.", "check": "Проверка: {call} даёт {result}.",
            "brief_function": "{name}({arg}) возвращает {expr}.", "brief_program": "Читаем {arg}, печатаем {expr}.",
            "summary_function": "Вот функция:", "summary_program": "Вот программа:",
            "task": "Задача", "code": "Код", "reasoning": "Рассуждение"},
@@ -188,9 +184,8 @@ def reasoning(task: dict, brief: bool) -> str:
         return t[f"brief_{task['mode']}"].format(name=task["name"], arg=arg, expr=rule["expr"])
     v = task["example"]
     call = f"{task['name']}({v!r})" if task["mode"] == "function" else stdin_text(rule["arg"], v).strip()
-    reads = (READS_EN if task["language"] == "en" else READS_RU)[rule["arg"]]
-    return "\n".join([t[f"think_{task['mode']}"].format(arg=arg, rule=rule[task["language"]], reads=reads),
-                      t["python"].format(expr=rule["expr"]),
+    phrase = rule[task["language"]]
+    return "\n".join([t["python"].format(rule=phrase[0].upper() + phrase[1:], expr=rule["expr"]),
                       t["check"].format(call=call, result=repr(evaluate(rule, v)))])
 
 

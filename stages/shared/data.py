@@ -7,6 +7,8 @@ A file entry (`data.files.<name>` in conf/data/*.yaml) is one of
                                                               a `datasets.load_dataset` hub dataset (`hub` may be a
                                                               local copy of the repository; `split` takes slices:
                                                               train[:-500]; `data_dir`: a folder of the repository)
+    {mix: [entry, entry, ...], shares: [null, 0.3, ...]}      rows of several entries in the given shares (null:
+                                                              what the others leave), evenly interleaved
 `load_rows` returns plain dicts with our column names, or raises `UserError` naming the file, line, field or key.
 """
 from __future__ import annotations
@@ -95,6 +97,8 @@ def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file",
     key = name if "." in name else f"data.files.{name}"
     if spec is None or spec == "":
         raise UserError(f"{key} is not set: give a JSONL/Parquet path or {{hub: id, split: ...}}")
+    if isinstance(spec, dict) and "mix" in spec:
+        return _load_mix(spec, required, name, key, check_row)
     columns: dict = {}
     if isinstance(spec, (str, os.PathLike)):
         rows, where = _read_file(spec, key)
@@ -129,6 +133,30 @@ def load_rows(spec: Any, required: Iterable[str] = (), name: str = "file",
     if not out:
         raise UserError(f"{where(None)} has no rows ({key})")
     return out
+
+
+def _load_mix(spec: dict, required: list, name: str, key: str, check_row) -> list[dict]:
+    """The rows of `spec["mix"]`'s entries in `spec["shares"]` (one null share takes what the others leave): as many
+    rows as the parts hold without repeating any, the first rows of each part, evenly interleaved (deterministic)."""
+    parts, shares = spec.get("mix"), spec.get("shares")
+    if set(spec) != {"mix", "shares"} or not isinstance(parts, list) or not isinstance(shares, list) \
+            or len(parts) != len(shares) or not parts:
+        raise UserError(f"{key}: a mix is {{mix: [entry, ...], shares: [share, ...]}} with one share per entry")
+    if sum(s is None for s in shares) > 1 or any(s is not None and not (isinstance(s, (int, float)) and 0 <= s <= 1)
+                                                for s in shares):
+        raise UserError(f"{key}.shares must be numbers in [0, 1], at most one null (the rest), got {shares}")
+    given = sum(s for s in shares if s is not None)
+    shares = [max(0.0, 1.0 - given) if s is None else float(s) for s in shares]
+    if abs(sum(shares) - 1.0) > 1e-6:
+        raise UserError(f"{key}.shares must add up to 1, got {shares}")
+    loaded = [load_rows(part, required, f"{name}.mix[{i}]" if "." in name else f"{key}.mix[{i}]", check_row)
+              if share > 0 else [] for i, (part, share) in enumerate(zip(parts, shares))]
+    total = min(len(rows) / share for rows, share in zip(loaded, shares) if share > 0)
+    keyed = []
+    for i, (rows, share) in enumerate(zip(loaded, shares)):
+        n = int(share * total + 1e-9)
+        keyed += [((j + 0.5) / n, i, row) for j, row in enumerate(rows[:n])]
+    return [row for *_, row in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
 def load_task_rows(spec: Any, name: str, required: Iterable[str] = ("prompt",)) -> list[dict]:
