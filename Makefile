@@ -56,6 +56,7 @@ status: setup
 
 data: setup
 	$(PY) data/arith/prepare.py
+	$(PY) data/code/prepare.py
 
 ui: setup
 	.venv-ui/bin/prefect server start --host 127.0.0.1 --port 4200

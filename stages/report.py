@@ -307,7 +307,9 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         md.append(markdown_table(["benchmark (metric)"] + table["columns"], table["rows"]))
         md += ["", "Rates in %, mean length in generated tokens. pass@1: mean correctness over the k samples of a "
                    "question at the evaluation's temperature and top-p; cons@k: majority vote over the extracted "
-                   "answers (a sample without an answer casts no vote; ties go to the answer voted first).", ""]
+                   "answers (a sample without an answer casts no vote; ties go to the answer voted first). Code "
+                   "rows: a sample is correct when its program passes every test, and cons@k votes over identical "
+                   "normalised programs; `<split>-math` / `<split>-code` rows split a mixed benchmark by kind.", ""]
         md.append("Columns: " + "; ".join(
             f"**{col}**: `{(m.get('inputs') or {}).get('model', {}).get('name', '?')}"
             f"@{(m.get('inputs') or {}).get('model', {}).get('version', '?')}` (evaluation `{_ref(m)}`)"
