@@ -148,3 +148,41 @@ def test_malformed_tests_in_a_data_file_name_the_file_and_row(tmp_path):
         load_task_rows(str(path), "rl_train")
     path.write_text(json.dumps(good) + "\n")
     assert load_task_rows(str(path), "rl_train")[0]["tests"] == ASSERTS
+
+
+def test_evaluation_scores_code_samples_and_votes_over_normalised_programs():
+    from stages.evaluate import cons_at_k, score_samples
+
+    right = answer("def f(x):\n    return x + 7")
+    right_other_layout = answer("def f(x):\n    # seven more\n    return (x+7)")
+    wrong = answer("def f(x):\n    return x * 8")
+    rows = [{"tests": ASSERTS}, {"answer": "15"}]
+    texts = [[wrong, right, right_other_layout, wrong, wrong], ["\\boxed{15}", "\\boxed{14}"]]
+    code_q, math_q = score_samples(texts, rows, template="r1", languages=["en", "en"], verification=VERIFICATION,
+                                   code={"sandbox": BOX, "code_language": "python"})
+    assert code_q["correct"] == [False, True, True, False, False] and math_q["correct"] == [True, False]
+    assert code_q["answers"][1] == code_q["answers"][2] != code_q["answers"][0] == code_q["answers"][3]
+    assert all(a.startswith("program:") for a in code_q["answers"]) and math_q["answers"] == ["15", "14"]
+    assert code_q["formatted"] == [True] * 5
+    ok, vote = cons_at_k(code_q["answers"], code_q["correct"])
+    assert not ok and vote.votes == 3          # the wrong program was written most often
+    ok, vote = cons_at_k(code_q["answers"][:3], code_q["correct"][:3])
+    assert ok and vote.votes == 2              # two layouts of one right program outvote one wrong one
+
+
+def test_mixed_files_keep_the_share_and_interleave(tmp_path):
+    math = tmp_path / "math.jsonl"
+    code = tmp_path / "code.jsonl"
+    math.write_text("".join(json.dumps({"id": f"m{i}", "prompt": "q", "answer": str(i)}) + "\n" for i in range(50)))
+    code.write_text("".join(json.dumps({"id": f"c{i}", "prompt": "p", "tests": ASSERTS}) + "\n" for i in range(10)))
+    rows = load_task_rows({"mix": [str(math), str(code)], "shares": [None, 0.2]}, "rl_train")
+    kinds = ["c" if r.get("tests") else "m" for r in rows]
+    assert len(rows) == 50 and kinds.count("c") == 10          # as many as the parts hold without repeats
+    assert "ccc" not in "".join(kinds) and "mmmmmmm" not in "".join(kinds)
+    assert [r["id"] for r in rows if r.get("tests")] == [f"c{i}" for i in range(10)]
+    rows = load_task_rows({"mix": [str(math), str(code)], "shares": [None, 0.5]}, "rl_train")
+    assert len(rows) == 20 and sum(bool(r.get("tests")) for r in rows) == 10
+    with pytest.raises(UserError, match="shares must be numbers"):
+        load_task_rows({"mix": [str(math), str(code)], "shares": [None, None]}, "rl_train")
+    with pytest.raises(UserError, match="one share per entry"):
+        load_task_rows({"mix": [str(math), str(code)], "shares": [1.0]}, "rl_train")
