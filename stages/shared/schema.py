@@ -81,9 +81,25 @@ class VerificationConfig:
 class DataConfig:
     name: str = MISSING
     language: str = MISSING
+    code_language: str = MISSING
+    code_share: Optional[float] = MISSING   # arith_code: share of code rows in the mixed files
     files: Dict[str, Any] = MISSING
     benchmarks: Dict[str, Any] = MISSING
     decontaminate_ngram: int = MISSING
+    tokenizer_corpus: List[str] = MISSING
+
+
+@dataclass
+class SandboxConfig:
+    python: str = MISSING
+    cpu_s: float = MISSING
+    wall_s: float = MISSING
+    memory_mb: int = MISSING
+    processes: int = MISSING
+    file_mb: int = MISSING
+    open_files: int = MISSING
+    output_bytes: int = MISSING
+    allow_without_namespaces: bool = MISSING
 
 
 @dataclass
@@ -108,6 +124,8 @@ class StageNode:
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
     verification: VerificationConfig = MISSING
+    sandbox: SandboxConfig = MISSING    # runs the tests of code rows
+    code_language: str = MISSING        # data.code_language
 
 
 @dataclass
@@ -176,7 +194,7 @@ class SftKnobs:
 @dataclass
 class BaseConfig(StageNode):
     model: ModelConfig = MISSING
-    corpus: Optional[str] = MISSING
+    corpus: Any = MISSING
     eval_file: Any = MISSING
     max_steps: int = MISSING
     batch_size: int = MISSING
@@ -223,6 +241,7 @@ class ReasoningGrpoConfig(GrpoKnobs, StageNode):
     eval_file: Any = MISSING
     benchmarks: Dict[str, Any] = MISSING
     decontaminate_ngram: int = MISSING
+    code_score: str = MISSING
     template: str = MISSING
     language: str = MISSING
     min_difficulty: Optional[int] = MISSING
@@ -315,6 +334,7 @@ class MergedSftAlignmentAlignmentConfig(GrpoKnobs):
     general_share: float = MISSING
     preference_rewards_from: float = MISSING
     rm_batch_size: int = MISSING
+    code_score: str = MISSING
 
 
 @dataclass
@@ -372,7 +392,7 @@ GROUPS = {"base": BaseConfig, "cold_start_sft": ColdStartSftConfig, "reasoning_g
           "rejection_sampling": RejectionSamplingConfig, "reward_model": RewardModelConfig,
           "merged_sft_alignment": MergedSftAlignmentConfig, "distill": DistillConfig, "evaluate": EvaluateConfig,
           "report": ReportConfig, "hardware": HardwareConfig, "verification": VerificationConfig, "data": DataConfig,
-          "model": ModelConfig}
+          "model": ModelConfig, "sandbox": SandboxConfig}
 
 
 def register() -> None:
