@@ -95,7 +95,9 @@ def default_sandbox() -> Sandbox:
     """conf/sandbox/default.yaml, for callers without a composed config (a reward function called on its own)."""
     import yaml
 
-    return sandbox_from_config(yaml.safe_load((PROJECT_ROOT / "conf" / "sandbox" / "default.yaml").read_text()))
+    node = yaml.safe_load((PROJECT_ROOT / "conf" / "sandbox" / "default.yaml").read_text())
+    del node["defaults"]  # Hydra's defaults list (the schema), not a setting
+    return sandbox_from_config(node)
 
 
 @dataclass

@@ -335,3 +335,9 @@ def test_verifiable_coding_problems_fixture_through_the_data_config(box):
     for r in rows:
         gold = r["gold_standard_solution"].split("```python\n")[1].split("```")[0]
         assert all(run_tests(box, gold, parse_tests(r["tests"], r["id"]))), r["id"]
+
+
+def test_default_sandbox_is_conf_sandbox_default():
+    from pipeline.plan import compose_config
+
+    assert sb.default_sandbox() == sb.sandbox_from_config(compose_config([]).sandbox)
