@@ -4,14 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from pipeline.plan import compose_config
 from stages.shared import models
 from stages.shared.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[3]
-TINY = OmegaConf.load(ROOT / "conf/model/tiny.yaml")
-STUDENT = OmegaConf.load(ROOT / "conf/model/tiny_student.yaml")
+_COMPOSED = compose_config([])  # model=tiny, model@student=tiny_student; their tokenizer corpus is data.tokenizer_corpus
+TINY, STUDENT = _COMPOSED.model, _COMPOSED.student
 MSGS = [{"role": "user", "content": "What is 47 + 38?"},
         {"role": "assistant", "content": "<think>\n7+8=15 write 5 carry 1\n4+3+1=8\nSo 47+38=85\n</think>\n"
                                          "The answer is \\boxed{85}"}]
