@@ -120,7 +120,7 @@ class ModelConfig:
 
 @dataclass
 class StageNode:
-    """What every verifying stage pulls in from the top of the config (conf/config.yaml)."""
+    """What every verifying stage pulls in from the top of the config (conf/config.yaml) and from `data`."""
     seed: int = MISSING
     hardware: HardwareConfig = MISSING
     verification: VerificationConfig = MISSING
