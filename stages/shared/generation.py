@@ -5,7 +5,9 @@
         samples = gen.generate(prompts, n=8, temperature=0.6, top_p=0.95, max_tokens=96, seed=cfg.seed)
         # samples[i][j] = {"text": str, "num_tokens": int, "finish_reason": "stop" | "length"}
 
-Open the generator once per stage: starting vLLM is the expensive part. Texts are decoded without special tokens (the
+Open the generator once per stage: starting vLLM is the expensive part. On several GPUs
+(hardware.vllm.data_parallel_size > 1 or auto) it starts one engine per GPU group, each in a spawned process, and splits
+every batch between them (VLLMGenerator). Texts are decoded without special tokens (the
 end-of-sequence and padding tokens); the `<think>`/`<answer>` tags are ordinary added tokens and stay in the text.
 
 Seeding: with `seed` given, prompt i of a call samples with seed `seed + i * n` (vLLM gives its j-th sample
