@@ -28,11 +28,12 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from stages.shared import data
 from stages.shared.data import load_rows
 from stages.shared.errors import UserError
+from stages.shared.judge import judge_spec, judge_verdicts
 from stages.shared.progress import Progress
 from stages.shared.rewards import repetition_score, verification_metrics, verifier_stats
 from stages.shared.rewards.code import code_settings
@@ -251,47 +252,6 @@ def generate_shards(gen, rows: list[Mapping], prompts: list[list[int]], work_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Optional generative judge (the paper used DeepSeek-V3 for answers rules cannot check)
-# ---------------------------------------------------------------------------------------------------------------------
-JUDGE_PROMPT = ("You compare a response with a reference answer.\nReference answer: {reference}\n"
-                "Response: {response}\nDoes the response's final answer agree with the reference answer? "
-                "Reply with one word, yes or no.")
-
-
-def parse_verdict(text: str) -> bool | None:
-    m = re.search(r"\b(yes|no)\b", text.lower())
-    return None if m is None else m.group(1) == "yes"
-
-
-def judge_verdicts(judge_gen, items: list[tuple[str, str]], *, tokenizer=None,
-                   max_tokens: int = 8) -> list[bool | None]:
-    """Judge (reference, response summary) pairs with a generator: greedy, one sample each."""
-    if not items:
-        return []
-    prompts = []
-    for reference, response in items:
-        msg = JUDGE_PROMPT.format(reference=reference, response=response)
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            msg = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                                add_generation_prompt=True)
-        prompts.append(msg)
-    out = judge_gen.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
-    return [parse_verdict(s[0]["text"]) for s in out]
-
-
-def _judge_spec(spec: Any) -> dict | None:
-    if spec in (None, "", False):
-        return None
-    if isinstance(spec, str):
-        return {"source": spec}
-    spec = dict(spec)
-    if not spec.get("source"):
-        raise UserError("rejection_sampling.filters.judge_model: give a model (hub id or local path) as a string or "
-                        "{source: ..., revision: ..., backend: ..., max_tokens: ...}")
-    return spec
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -355,7 +315,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     for res in results:
         verdicts.append(flat[k:k + len(res["samples"])])
         k += len(res["samples"])
-    judge = _judge_spec(filters["judge_model"])
+    judge = judge_spec(filters["judge_model"])
     judge_calls = 0
     if judge and filters["correctness"]:
         todo = [(i, j) for i, res in enumerate(results) for j, s in enumerate(res["samples"])

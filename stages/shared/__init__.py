@@ -10,6 +10,7 @@
 - `data`: reading data files (JSONL, parquet, hub) with column mappings; the one atomic writer
 - `templates`: the R1 and R1-Zero prompt formats, answer extraction
 - `reward_models`: loading and scoring with reward models (helpfulness on the summary, harmlessness on the whole)
+- `judge`: an optional generative judge (yes/no) for answers the rules cannot check, in rejection sampling
 - `rewards/`: the rule rewards (accuracy, format, language consistency, guards), their registry, and the bounded
   verification pool (pebble) that answer checks run in, set by conf/verification/
 - `plots`: the PNG figures (RL curves, loss, the report's charts)

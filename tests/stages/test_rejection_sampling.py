@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline.plan import compose_config
 from stages import rejection_sampling as rs
+from stages.shared import judge
 from stages.shared.rewards import repetition_score
 
 GOOD = "<think>\nWe need 7+8.\nUnits 7+8=15 write 5 carry 1\nSo 7+8=15\n</think>\nThe answer is \\boxed{15}"
@@ -184,11 +185,11 @@ class ScriptedGenerator:
 
 
 def test_judge_verdicts():
-    assert rs.parse_verdict("Yes.") is True and rs.parse_verdict(" no, it differs") is False
-    assert rs.parse_verdict("maybe") is None
-    judge = ScriptedGenerator(lambda p, j: "yes" if "Paris" in p.split("Response:")[1] else "no")
-    assert rs.judge_verdicts(judge, [("Paris", "It is Paris."), ("Paris", "Lyon")]) == [True, False]
-    assert "Reference answer: Paris" in judge.calls[0][0]
+    assert judge.parse_verdict("Yes.") is True and judge.parse_verdict(" no, it differs") is False
+    assert judge.parse_verdict("maybe") is None
+    judge_gen = ScriptedGenerator(lambda p, j: "yes" if "Paris" in p.split("Response:")[1] else "no")
+    assert judge.judge_verdicts(judge_gen, [("Paris", "It is Paris."), ("Paris", "Lyon")]) == [True, False]
+    assert "Reference answer: Paris" in judge_gen.calls[0][0]
 
 
 # ---- shards: resume ----
