@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         if args.command == "artifacts":
             return cmd_artifacts(args.action, args.ref, args.overrides)
         if args.command == "report":
-            from stages.report import print_report
+            from pipeline.show import print_report
             from pipeline.plan import artifacts_root, compose_config
             from pipeline import artifacts
 

@@ -16,9 +16,8 @@ recomputed. Inputs are recognised by their manifests (kind) and files, in the re
   every manifest (`wall_times.png`), so the report needs nothing but its inputs' manifests, whatever the store. Which
   stages were cached in a given run only the flow knows (its run-summary).
 
-Files: report.md (relative image links), report.json (the same numbers for
-`print_report`), the PNGs. `print_report(artifact_dir)` prints a report's table -- or an evaluation's summary -- in a
-terminal (`r1flow report [NAME[@VERSION]]`).
+Files: report.md (relative image links), report.json (the same numbers, which `r1flow report` prints: pipeline/show.py),
+the PNGs.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _ref(manifest: dict) -> str:
+def artifact_ref(manifest: dict) -> str:
     return f"{manifest.get('name', '?')}@{manifest.get('version', '?')}"
 
 
@@ -106,7 +105,7 @@ def evaluation_summary(artifact_dir: Path, manifest: dict) -> dict:
     from its manifest metrics (held-out unprefixed, `<benchmark>/<metric>` for the others)."""
     path = Path(artifact_dir) / "summary.json"
     if path.exists():
-        summary = read_json(path, f"evaluation {_ref(manifest)}")
+        summary = read_json(path, f"evaluation {artifact_ref(manifest)}")
         if isinstance(summary.get("benchmarks"), dict):
             return summary
     metrics = manifest.get("metrics") or {}
@@ -116,7 +115,7 @@ def evaluation_summary(artifact_dir: Path, manifest: dict) -> dict:
         if metric in {m for m, _, _ in METRICS} | {"n_questions"}:
             benches.setdefault(name if sep else "heldout", {})[metric] = value
     if not benches:
-        raise UserError(f"report: evaluation {_ref(manifest)} at {artifact_dir} has neither summary.json nor "
+        raise UserError(f"report: evaluation {artifact_ref(manifest)} at {artifact_dir} has neither summary.json nor "
                         f"evaluation metrics in its manifest")
     return {"benchmarks": benches, "k": metrics.get("k"), "backend": metrics.get("backend")}
 
@@ -145,7 +144,7 @@ def collect(inputs: dict[str, Path]) -> dict:
             continue
         if (d / "filter_counts.json").exists():
             found["rejection"].append((role, d, manifest, read_json(d / "filter_counts.json",
-                                                                     f"filter counts of {_ref(manifest)}")))
+                                                                     f"filter counts of {artifact_ref(manifest)}")))
         if kind == "checkpoint":
             for fname, history in _rl_histories(d):
                 found["rl"].append((role, d, manifest, fname, history))
@@ -159,8 +158,8 @@ def ancestry(inputs: dict[str, Path]) -> list[dict]:
     for d in inputs.values():
         m = read_manifest(Path(d))
         for entry in [m] + list(m.get("upstream") or []):
-            seen.setdefault(_ref(entry), entry)
-    return sorted(seen.values(), key=lambda m: (str(m.get("started_at", "")), _ref(m)))
+            seen.setdefault(artifact_ref(entry), entry)
+    return sorted(seen.values(), key=lambda m: (str(m.get("started_at", "")), artifact_ref(m)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,7 +292,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     md: list[str] = [f"# {title}", ""]
     recipe = cfg.recipe
     md += [(f"Recipe `{recipe}`. " if recipe else "") + "The plots below are PNG files beside this report.",
-           "", f"Inputs: {', '.join(f'{role}=`{_ref(m)}`' for role, (_, m) in found['manifests'].items())}", ""]
+           "", f"Inputs: {', '.join(f'{role}=`{artifact_ref(m)}`' for role, (_, m) in found['manifests'].items())}", ""]
     plots_written: list[str] = []
     data: dict[str, Any] = {"title": title, "evaluations": [], "rl": [],
                             "rejection": [], "wall_times": []}
@@ -312,11 +311,11 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                    "normalised programs; `<split>-math` / `<split>-code` rows split a mixed benchmark by kind.", ""]
         md.append("Columns: " + "; ".join(
             f"**{col}**: `{(m.get('inputs') or {}).get('model', {}).get('name', '?')}"
-            f"@{(m.get('inputs') or {}).get('model', {}).get('version', '?')}` (evaluation `{_ref(m)}`)"
+            f"@{(m.get('inputs') or {}).get('model', {}).get('version', '?')}` (evaluation `{artifact_ref(m)}`)"
             for col, (role, _, m, _) in zip(table["columns"], evaluations)) + ".")
         md.append("")
         for col, (role, d, m, summary) in zip(table["columns"], evaluations):
-            data["evaluations"].append({"role": role, "column": col, "artifact": _ref(m), "dir": str(d),
+            data["evaluations"].append({"role": role, "column": col, "artifact": artifact_ref(m), "dir": str(d),
                                         "model": (m.get("inputs") or {}).get("model"), "summary": summary})
             for bench, s in summary["benchmarks"].items():
                 for key in ("pass@1", "cons@k"):
@@ -333,7 +332,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         md += ["## RL training curves", ""]
     for role, d, m, fname, history in rl:
         name = f"rl_{_safe(role)}" + ("" if fname == "log_history.jsonl" else f"_{_safe(Path(fname).stem)}") + ".png"
-        md += [f"### {role} (`{_ref(m)}`)", ""]
+        md += [f"### {role} (`{artifact_ref(m)}`)", ""]
         rows = []
         for key, label in RL_KEYS[:1] + _reward_keys(history) + RL_KEYS[1:]:
             first, last, n = _first_last(history, key)
@@ -341,16 +340,16 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
                 rows.append([label, f"{first[1]:.4g} (step {first[0]})", f"{last[1]:.4g} (step {last[0]})", str(n)])
         if rows:
             md += [markdown_table(["logged value", "first", "last", "points"], rows), ""]
-        path = plots.plot_rl(history, output_dir / name, title=f"{role}: {_ref(m)}")
+        path = plots.plot_rl(history, output_dir / name, title=f"{role}: {artifact_ref(m)}")
         if path:
             plots_written.append(name)
             md += [f"![{role} RL curves]({name})", ""]
-        data["rl"].append({"role": role, "artifact": _ref(m), "file": fname, "plot": name if path else None,
+        data["rl"].append({"role": role, "artifact": artifact_ref(m), "file": fname, "plot": name if path else None,
                            "table": rows})
 
     # -- rejection sampling --------------------------------------------------------------------------------------
     for role, d, m, counts in rejection:
-        md += [f"## Rejection sampling: {role} (`{_ref(m)}`)", ""]
+        md += [f"## Rejection sampling: {role} (`{artifact_ref(m)}`)", ""]
         mm = m.get("metrics") or {}
         bars = rejection_counts(counts)
         rows = [[label, _fmt_num(c)] for label, c in bars]
@@ -365,7 +364,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
         if plots.plot_rejection(bars, output_dir / name, f"{role}: samples per filter"):
             plots_written.append(name)
             md += [f"![{role} filter counts]({name})", ""]
-        data["rejection"].append({"role": role, "artifact": _ref(m), "filter_counts": counts,
+        data["rejection"].append({"role": role, "artifact": artifact_ref(m), "filter_counts": counts,
                                   "acceptance_rate": mm.get("acceptance_rate"), "table": rows})
 
     # -- wall times ----------------------------------------------------------------------------------------------
@@ -399,53 +398,3 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path) -> dict:
     log.info(f"report: {len(evaluations)} evaluation(s), {len(rl)} RL run(s), {len(rejection)} rejection-sampling "
              f"set(s), {len(plots_written)} plot(s) -> {output_dir / REPORT_MD}")
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The terminal view
-
-
-def print_report(artifact_dir) -> int:
-    """Print a report artifact's evaluation table and where its plots are, or an evaluation artifact's summary."""
-    d = Path(artifact_dir)
-    manifest = read_manifest(d)
-    kind = manifest.get("kind")
-    if kind == "report" or (d / REPORT_JSON).exists():
-        data = read_json(d / REPORT_JSON, f"report {_ref(manifest)}")
-        print(f"{data.get('title', 'report')}  ({_ref(manifest)})")
-        table = data.get("table")
-        if table:
-            print()
-            print(text_table(["benchmark (metric)"] + table["columns"], table["rows"]))
-        else:
-            print("\n(no evaluations among the report's inputs)")
-        for rs in data.get("rejection") or []:
-            rate = rs.get("acceptance_rate")
-            print(f"\nrejection sampling {rs['artifact']}: acceptance rate "
-                  f"{fmt_value(rate, True)}%  " + ", ".join(f"{label}={v}" for label, v in rs["table"]
-                                                         if not label.startswith("acceptance rate")))
-        times = [w for w in data.get("wall_times") or [] if w.get("seconds") is not None]
-        if times:
-            print("\nwall time: " + ", ".join(f"{w['stage']} {w['seconds']:.0f}s" for w in times)
-                  + f" (total {sum(w['seconds'] for w in times):.0f}s)")
-        print(f"\nreport: {d / REPORT_MD}")
-        for p in data.get("plots") or []:
-            print(f"plot:   {d / p}")
-        return 0
-    if kind == "evaluation":
-        summary = evaluation_summary(d, manifest)
-        model = (manifest.get("inputs") or {}).get("model") or {}
-        print(f"evaluation {_ref(manifest)} of {model.get('name', '?')}@{model.get('version', '?')}: "
-              f"k={summary.get('k')}, backend {summary.get('backend')}, T={summary.get('temperature', '?')}, "
-              f"top_p={summary.get('top_p', '?')}")
-        benches = list(summary["benchmarks"])
-        k = summary.get("k") or "k"
-        rows = [[label.format(k=k)] + [fmt_value(summary["benchmarks"][b].get(key), pct) for b in benches]
-                for key, label, pct in METRICS]
-        rows.append(["questions"] + [str(summary["benchmarks"][b].get("n_questions", "–")) for b in benches])
-        print()
-        print(text_table(["metric"] + benches, rows))
-        print(f"\nrecords: {d / 'records.jsonl'}")
-        return 0
-    raise UserError(f"{_ref(manifest)} is a {kind} artifact: `r1flow report` shows a report or an evaluation "
-                    f"(e.g. `r1flow report report` or `r1flow report eval_final`)")

@@ -1,6 +1,6 @@
 """stages/report.py on small but real-shaped artifacts (manifest.json, summary.json, log_history.jsonl,
 filter_counts.json in a store layout): the table cells are the evaluation artifacts' numbers, the plots are PNGs, the
-wall times come from the manifests (ancestors too), and `print_report` shows reports and evaluations."""
+wall times come from the manifests (ancestors too), and `pipeline.show.print_report` shows reports and evaluations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import artifacts
+from pipeline import artifacts, show
 from stages import report
 from stages.shared.errors import UserError
 
@@ -229,7 +229,7 @@ def test_wall_time_falls_back_to_manifest_times_and_missing_pieces(tmp_path):
 def test_print_report_and_print_evaluation(store, tmp_path, capsys):
     out, _ = run_report(store, tmp_path)
     (out / "manifest.json").write_text(json.dumps({"name": "report", "version": "0123456789ab", "kind": "report"}))
-    assert report.print_report(out) == 0
+    assert show.print_report(out) == 0
     text = capsys.readouterr().out
     assert "heldout (pass@1)" in text and "merged_sft_alignment" in text
     line = next(l for l in text.splitlines() if l.startswith("heldout (cons@4)"))
@@ -238,10 +238,10 @@ def test_print_report_and_print_evaluation(store, tmp_path, capsys):
     assert str(out / "report.md") in text
 
     ev = store[1]["eval_cold_start_sft"]
-    assert report.print_report(ev) == 0
+    assert show.print_report(ev) == 0
     text = capsys.readouterr().out
     assert "eval_cold_start_sft@e1 of cold_start_sft@c1" in text and "k=4" in text
     line = next(l for l in text.splitlines() if l.startswith("pass@1"))
     assert line.split()[1:] == ["40.6", "16.7"]
     with pytest.raises(UserError, match="dataset artifact"):
-        report.print_report(store[1]["rejection_sampling"])
+        show.print_report(store[1]["rejection_sampling"])
