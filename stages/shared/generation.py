@@ -263,8 +263,13 @@ def _start_engine_processes(model: str, kwargs: dict, envs: list[dict]) -> list:
         process.start()
         child.close()
         engines.append((parent, process))
-    for engine in engines:
-        _receive(*engine)
+    try:
+        for engine in engines:
+            _receive(*engine)
+    except BaseException:  # one engine failed to start: stop the others rather than leave them holding GPUs
+        for _, process in engines:
+            process.kill()
+        raise
     return engines
 
 
