@@ -491,8 +491,6 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
 
     from stages.shared import models
 
-    from stages.shared import models
-
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"{key}.loss_type={cfg.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     if cfg.scale_rewards not in SCALE_REWARDS:
@@ -523,7 +521,9 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         log_completions=False,
         vllm_gpu_memory_utilization=float(vllm.gpu_memory_utilization),
         vllm_tensor_parallel_size=1 if vllm.tensor_parallel_size == "auto" else int(vllm.tensor_parallel_size),
-        vllm_enable_sleep_mode=bool(vllm.enable_sleep_mode),
+        # vLLM's sleep mode needs CUDA ("Sleep mode is not supported on current platform" on the CPU build): the
+        # paper preset turns it on for every hardware, so a CPU try of a real-model config runs without it
+        vllm_enable_sleep_mode=bool(vllm.enable_sleep_mode) and cfg.hardware.device == "cuda",
     )
     if revision and float(cfg.beta) > 0:  # the reference model loads from the same pinned hub revision
         fields["model_init_kwargs"] = {"revision": revision}

@@ -49,3 +49,11 @@ def test_prompts_per_step_is_global_over_processes(tmp_path, monkeypatch):
 def test_completions_are_capped_at_the_context_after_the_prompt(tmp_path):
     args = _args(tmp_path, [("max_completion_length", 8192)], longest_prompt=200, context=4096)
     assert args.max_completion_length == 3896
+
+
+def test_the_paper_preset_puts_colocated_vllm_to_sleep_on_a_gpu_only(tmp_path):
+    # one 80 GB GPU holds the 1.5B trainer and vLLM at the paper's lengths only in turn (conf/preset/paper.yaml)
+    for hardware, asleep in (("gpu", True), ("cpu", False)):  # vLLM's CPU build has no sleep mode
+        cfg = compose_config(["model=qwen2.5-math-1.5b", f"hardware={hardware}"]).reasoning_grpo
+        assert cfg.hardware.vllm.enable_sleep_mode is True
+        assert trainers.grpo_args(cfg, tmp_path / hardware).vllm_enable_sleep_mode is asleep
