@@ -22,6 +22,17 @@ def test_every_recipe_and_model_composes_without_downloading(recipe, model, tmp_
         assert cfg.reasoning_grpo.num_generations == 16 and cfg.model.trust_remote_code is False
 
 
+@pytest.mark.parametrize("model", MODELS[1:])
+def test_a_real_models_training_stages_leave_held_out_checks_to_the_vllm_evaluations(model):
+    # In-stage checks go through HF generate. At the paper's lengths (8k new tokens) 200 questions before and after a
+    # stage take hours on an H100; the eval_* stages measure the same checkpoints with vLLM.
+    cfg = compose_config([f"model={model}"])
+    for stage in ("cold_start_sft", "reasoning_grpo", "merged_sft_alignment", "distill"):
+        assert cfg[stage].eval_samples == 0, stage
+    general = cfg.merged_sft_alignment.alignment.eval_general_prompts
+    assert general * cfg.merged_sft_alignment.eval_rm_samples <= 64  # the RM scores before/after: one batch
+
+
 def test_r1_zero_uses_its_template_and_starts_grpo_from_base(tmp_path):
     stages = {s.name: s for s in plan(compose_config(["recipe=r1_zero", f"artifacts_root={tmp_path}"]))}
     assert stages["reasoning_grpo"].config["template"] == "r1_zero"
