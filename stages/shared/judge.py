@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from stages.shared.errors import UserError
+from stages.shared.templates import chat_token_ids
 
 JUDGE_PROMPT = ("You compare a response with a reference answer.\nReference answer: {reference}\n"
                 "Response: {response}\nDoes the response's final answer agree with the reference answer? "
@@ -28,8 +29,7 @@ def judge_verdicts(judge_gen, items: list[tuple[str, str]], *, tokenizer=None,
     for reference, response in items:
         msg = JUDGE_PROMPT.format(reference=reference, response=response)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            msg = tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
-                                                add_generation_prompt=True)
+            msg = chat_token_ids([{"role": "user", "content": msg}], tokenizer)  # token ids: one BOS, as the stages
         prompts.append(msg)
     out = judge_gen.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
     return [parse_verdict(s[0]["text"]) for s in out]

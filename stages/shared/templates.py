@@ -84,7 +84,13 @@ def prompt_token_ids(question: str, template: str, tokenizer: Any) -> list[int]:
     if isinstance(prompt, str):
         return list(tokenizer(text=prompt)["input_ids"])
     render_prompt(question, template, tokenizer)  # the same checks (a chat template exists) and errors
-    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return chat_token_ids(prompt, tokenizer)
+
+
+def chat_token_ids(messages: list[dict[str, str]], tokenizer: Any) -> list[int]:
+    """The chat template's tokens for ``messages`` and the assistant turn's opening, as the template writes them:
+    its BOS once (rendering to text and tokenizing again adds a second one where the template writes it: Llama 3)."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     ids = out["input_ids"]
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 

@@ -72,3 +72,20 @@ def test_llama_prompts_carry_one_bos(real_models):
 def test_r1_distill_template_is_think_prefilled(real_models):
     assert templates.think_prefilled(models.load_tokenizer(real_models("deepseek-r1-distill-qwen-1.5b")), "r1")
     assert not templates.think_prefilled(models.load_tokenizer(real_models("qwen2.5-math-1.5b")), "r1")
+
+
+def test_a_llama_judge_gets_one_bos(real_models):
+    from stages.shared import judge
+
+    tok = models.load_tokenizer(real_models("llama-3.1-8b"))
+
+    class Recorder:  # the generator's interface: records what the engines would be given
+        def generate(self, prompts, **kw):
+            self.prompts = prompts
+            return [[{"text": "yes"}] for _ in prompts]
+
+    gen = Recorder()
+    assert judge.judge_verdicts(gen, [("42", "It is 42.")], tokenizer=tok) == [True]
+    ids = gen.prompts[0]
+    assert isinstance(ids, list) and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert "Reference answer: 42" in tok.decode(ids)
