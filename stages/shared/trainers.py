@@ -506,6 +506,9 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         raise UserError(f"{key}: prompts_per_step x num_generations = {per_step} samples per step must divide by "
                         f"gradient_accumulation_steps x processes = {accumulation} x {processes}")
     vllm = cfg.hardware.vllm
+    asleep = bool(vllm.enable_sleep_mode) and cfg.hardware.device == "cuda"
+    if vllm.enable_sleep_mode and not asleep and cfg.use_vllm:
+        log.info(f"{key}: hardware.vllm.enable_sleep_mode ignored: vLLM sleeps on CUDA only")
     max_completion = models.fit_to_context(f"{key}.max_completion_length", int(cfg.max_completion_length), context,
                                            prompt_tokens=longest_prompt)
     fields = dict(
@@ -522,8 +525,8 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         vllm_gpu_memory_utilization=float(vllm.gpu_memory_utilization),
         vllm_tensor_parallel_size=1 if vllm.tensor_parallel_size == "auto" else int(vllm.tensor_parallel_size),
         # vLLM's sleep mode needs CUDA ("Sleep mode is not supported on current platform" on the CPU build): the
-        # paper preset turns it on for every hardware, so a CPU try of a real-model config runs without it
-        vllm_enable_sleep_mode=bool(vllm.enable_sleep_mode) and cfg.hardware.device == "cuda",
+        # paper preset turns it on for every hardware, so a CPU try of a real-model config runs without it (logged)
+        vllm_enable_sleep_mode=asleep,
     )
     if revision and float(cfg.beta) > 0:  # the reference model loads from the same pinned hub revision
         fields["model_init_kwargs"] = {"revision": revision}
