@@ -174,47 +174,7 @@ merged_sft_alignment,eval_final
 job() {  # $1: name, $2: CUDA_VISIBLE_DEVICES, then the function to run with OUT=/tmp/jobs/<name>
   local name=$1 gpus=$2; shift 2
   mkdir -p /tmp/jobs/$name
-  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=/tmp/jobs/$name; vsetup; 
-# ---------------------------------------------------------------------------------------------------------------------
-# Sixth lease (issues 15 and 16), one H100. Call 1: part1; call 2: `bash .gpu/bin/device.sh part2 check &&
-# GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease6_start && ... lease6_wait 500`; then `... lease6_wait 560` until
-# the chain is done. The chain: the SFT benchmark's default against the default without transformers' per-micro-step
-# NaN filter (a config-only sync removal, not measured alone before) and without any per-step sync; then the paper
-# preset's recipe at its lengths (PAPER_1P5B, with eval_final) with one rollout per GRPO step instead of 16 (for time:
-# the preset's 16 made one step take 11+ minutes before its first optimizer step, lease 3).
-sft_lease6() {
-  export PYTHONPATH=$PWD:$PYTHONPATH
-  SFT_VARIANTS="project_b32_default project_b32_nanfilter_off project_b32_nosync" SFT_TIMEOUT=400 sft_mfu
-}
-paper_lease6() {
-  PAPER_STAGES=$PAPER_STAGES,eval_final PAPER_1P5B="$PAPER_1P5B reasoning_grpo.steps_per_rollout=1" PAPER_TIMEOUT=2400 \
-    paper_1p5b
-}
-lease6_chain() { job sft 0 sft_lease6; job paper 0 paper_lease6; touch /tmp/jobs/chain.done; }
-lease6_start() {
-  vsetup
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
-  mkdir -p /tmp/jobs
-  setsid bash benchmarks/lent_gpu.sh lease6_chain < /dev/null > /dev/null 2>&1 &
-  sleep 5; ls /tmp/jobs
-}
-lease6_wait() {  # $1: at most this many seconds, until the chain is done; then everything in one archive (8 files)
-  local end=$(( $(date +%s) + $1 ))
-  while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/jobs/chain.done ]; do sleep 10; done
-  mkdir -p /tmp/collect && rm -rf /tmp/collect/*
-  for f in $(find /tmp/jobs -type f); do
-    local to=/tmp/collect/${f#/tmp/jobs/}; mkdir -p "$(dirname "$to")"
-    case "$f" in *.log) grep -v "it/s]\|s/it]\|%|" "$f" | tail -n 3000 > "$to" ;; *) cp "$f" "$to" ;; esac
-  done
-  tar -czf "$OUT/jobs.tgz" -C /tmp/collect . && ls -la "$OUT"
-  for f in /tmp/jobs/*.rc; do echo "== $f $(cat $f)"; done
-  grep -h -A8 "^variant" /tmp/jobs/sft/sft.log 2>/dev/null
-  grep -h "^== \|Traceback\|Error\|capped\|context" /tmp/jobs/paper/paper_1p5b.log 2>/dev/null | cut -c1-300 | tail -n 30
-  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
-}
-
-"$@"; echo $? > /tmp/jobs/$name.rc ) \
+  ( export CUDA_VISIBLE_DEVICES=$gpus OUT=/tmp/jobs/$name; vsetup; "$@"; echo $? > /tmp/jobs/$name.rc ) \
     > /tmp/jobs/$name/job.log 2>&1
 }
 # the rest of the recipe on 2 GPUs (base to eval_final; the 2-GPU run of the first lease stopped after rejection
@@ -303,7 +263,8 @@ merged_sft_alignment.alignment.max_steps=2 merged_sft_alignment.alignment.prompt
 merged_sft_alignment.alignment.gradient_accumulation_steps=8 merged_sft_alignment.alignment.preference_rewards_from=0 \
 merged_sft_alignment.alignment.eval_general_prompts=1 merged_sft_alignment.eval_max_new_tokens=512"
 paper_1p5b() {
-  python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-1.5b > "$OUT/build.log" 2>&1 || return 1
+  [ -d /tmp/fx/qwen2.5-math-1.5b ] ||
+    python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-1.5b > "$OUT/build.log" 2>&1 || return 1
   local t=$(date +%s)
   ( while sleep 15; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done ) > "$OUT/gpu_mem.txt" &
   local mon=$!
@@ -383,6 +344,34 @@ paper_lease6() {
   PAPER_STAGES=$PAPER_STAGES,eval_final PAPER_1P5B="$PAPER_1P5B reasoning_grpo.steps_per_rollout=1" PAPER_TIMEOUT=2400 \
     paper_1p5b
 }
+# Second machine of the lease. The first machine's chain failed in helpfulness_rm on a full disk (64 GB: the fixture,
+# the SFT benchmark's folders, every finished stage's two fp32 checkpoints with AdamW state, 18 GB each); the runner now
+# drops a stage's checkpoints once it is published (pipeline/runner.drop_resume_state), and then that machine went
+# back idle. This chain: the SFT pair again in the other order (the first variant of the first machine ran at half the
+# speed of the others), the SFT benchmark's folders removed, then the paper recipe without eval_reasoning_grpo (it ran
+# on the first machine) and with one GRPO step (its step at these lengths is measured), to merged SFT + alignment RL
+# and eval_final.
+sft_lease6b() {
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  SFT_VARIANTS="project_b32_nanfilter_off project_b32_default" SFT_TIMEOUT=300 sft_mfu
+  rm -rf /tmp/bench_model_* /tmp/project_b32_*
+}
+paper_lease6b() {
+  PAPER_STAGES=base,cold_start_sft,reasoning_grpo,rejection_sampling,helpfulness_rm,harmlessness_rm,\
+merged_sft_alignment,eval_final \
+  PAPER_1P5B="$PAPER_1P5B reasoning_grpo.steps_per_rollout=1 reasoning_grpo.max_steps=1" PAPER_TIMEOUT=2400 paper_1p5b
+  df -h /tmp | tail -n 1 > "$OUT/disk.txt"; du -sh /tmp/work_paper /tmp/art_paper /tmp/fx >> "$OUT/disk.txt" 2>&1
+}
+lease6b_chain() { job sft 0 sft_lease6b; job paper 0 paper_lease6b; touch /tmp/jobs/chain.done; }
+lease6b_start() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
+  mkdir -p /tmp/jobs
+  ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh lease6b_chain < /dev/null > /dev/null 2>&1 &
+  sleep 5; ls /tmp/jobs
+}
 lease6_chain() { job sft 0 sft_lease6; job paper 0 paper_lease6; touch /tmp/jobs/chain.done; }
 lease6_start() {
   vsetup
@@ -403,7 +392,7 @@ lease6_wait() {  # $1: at most this many seconds, until the chain is done; then 
   tar -czf "$OUT/jobs.tgz" -C /tmp/collect . && ls -la "$OUT"
   for f in /tmp/jobs/*.rc; do echo "== $f $(cat $f)"; done
   grep -h -A8 "^variant" /tmp/jobs/sft/sft.log 2>/dev/null
-  grep -h "^== \|Traceback\|Error\|capped\|context" /tmp/jobs/paper/paper_1p5b.log 2>/dev/null | cut -c1-300 | tail -n 30
+  grep -h "^== \|Traceback\|Error\|capped\|context" /tmp/jobs/*/paper_1p5b.log 2>/dev/null | cut -c1-300 | tail -n 30
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 }
 

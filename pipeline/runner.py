@@ -42,6 +42,9 @@ EVENTS_ENV = "R1FLOW_EVENTS"
 RUN_NAME_ENV = "R1FLOW_RUN_NAME"  # the trackers' run name (stages/shared/trainers.py): one per stage version
 
 
+RUNNER_FILES = {"stage.log", "spec.json", ".lock", EVENTS_FILE, USER_ERROR_FILE}  # what drop_resume_state keeps
+
+
 def events_path(work_root: str, stage: Stage) -> Path:
     return Path(work_root) / stage.name / stage.version / EVENTS_FILE
 
@@ -131,7 +134,10 @@ def _die_with_parent() -> None:
 # Failures a user can act on, recognised in a stage's output (any process, any node's line that reaches it). Ordered
 # by precedence: a worker killed for memory makes the other workers report a lost peer, so memory outranks the peer.
 FAILURE_PATTERNS = [
-    ("disk", re.compile(r"No space left on device|\[Errno 28\]|ENOSPC")),
+    # torch.save on a full disk: "[enforce fail at inline_container.cc:...] . unexpected pos N vs M" and "basic_ios::
+    # clear: iostream error" (no errno in its message; seen when a reward model's optimizer state filled the disk)
+    ("disk", re.compile(r"No space left on device|\[Errno 28\]|ENOSPC|inline_container\.cc:\d+\] \. unexpected pos|"
+                        r"basic_ios::clear: iostream error")),
     ("memory", re.compile(r"CUDA out of memory|OutOfMemoryError|can't allocate memory|Cannot allocate memory|"
                           r"\bMemoryError\b|No available memory for the cache blocks")),
     ("sigkill", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9\b")),
@@ -313,8 +319,32 @@ def _run_leased(stage: Stage, *, root: str, work_root: str, log: Callable[[str],
             raise
         raise RuntimeError(failure_message(f"{stage.name}@{stage.version}", 0, {"disk": f"publishing: {e}"},
                                            oom_before, hardware, [Path(staging).parent])) from e
+    freed = drop_resume_state(work_dir)
+    if freed:
+        log(f"removed {freed / 2**30:.1f} GiB of resume state (checkpoints) from {work_dir}: {stage.name}@"
+            f"{stage.version} is published")
     lock.close()
     return {"cached": False, "version": stage.version, "metrics": result["metrics"], "seconds": time.time() - t0}
+
+
+def drop_resume_state(work_dir: Path) -> int:
+    """Remove what a stage left in its work dir to resume from (trainer checkpoints: weights, optimizer state, RNG),
+    keeping the runner's own files (the log of every attempt, the spec, the events); returns the bytes freed.
+
+    Called once the artifact is published: from then on the store serves the stage and nothing resumes. Kept, two
+    fp32 checkpoints with AdamW state are 36 GB per stage at 1.5B parameters and 180 GB at 7.6B; the paper preset's
+    recipe on one GPU filled a 64 GB disk by its fifth stage (benchmarks/README.md, sixth lease)."""
+    freed = 0
+    for path in work_dir.iterdir():
+        if path.name in RUNNER_FILES:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            freed += path.lstat().st_size
+            path.unlink(missing_ok=True)
+    return freed
 
 
 def main(spec_path: str) -> int:

@@ -133,3 +133,32 @@ def test_an_ordinary_failure_keeps_the_exit_code(tmp_path):
     stage = _first_stage(tmp_path, tmp_path / "a", "toy.first.fail=true")
     message = _run_and_fail(stage, tmp_path / "a")
     assert "failed (exit code 1)" in message and "toy stage failed on purpose" in message
+
+
+def test_a_published_stage_leaves_no_resume_state_and_a_failed_one_keeps_it(tmp_path):
+    """The toy stage leaves a 1 MiB checkpoint in its work dir, as a trainer does. Once its artifact is published the
+    runner removes it (the store serves the stage from then on; at 1.5B-7B parameters each stage's checkpoints are
+    36-180 GB); a failed attempt keeps it, so the rerun resumes."""
+    root = tmp_path / "a"
+    stage = _first_stage(tmp_path, root)
+    lines = []
+    runner.run_stage(stage, root=str(root), work_root=f"{root}/work", log=lines.append)
+    work_dir = root / "work" / stage.name / stage.version
+    assert sorted(p.name for p in work_dir.iterdir()) == [".lock", "events.jsonl", "spec.json", "stage.log"]
+    assert any(f"removed 0.0 GiB of resume state (checkpoints) from {work_dir}" in line for line in lines)
+    assert artifacts.exists(str(root), stage.name, stage.version)
+
+    failed = _first_stage(tmp_path, tmp_path / "b", "toy.first.fail=true")
+    _run_and_fail(failed, tmp_path / "b")
+    kept = tmp_path / "b" / "work" / failed.name / failed.version / "checkpoints" / "checkpoint-1" / "optimizer.pt"
+    assert kept.stat().st_size == 1 << 20
+
+
+def test_torch_save_on_a_full_disk_is_read_as_a_full_disk():
+    """torch.save's messages on ENOSPC carry no errno (a reward model's optimizer state filled a 64 GB disk on a lent
+    H100); the runner reads them as the disk."""
+    lines = ["RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 2450621248 vs 2450621136",
+             "RuntimeError: basic_ios::clear: iostream error"]
+    for line in lines:
+        assert [kind for kind, pattern in runner.FAILURE_PATTERNS if pattern.search(line)] == ["disk"], line
+    assert not any(pattern.search("RuntimeError: shape mismatch at pos 3") for _, pattern in runner.FAILURE_PATTERNS)

@@ -24,6 +24,10 @@ from stages.shared.progress import Progress, emit
 
 
 def run(cfg, inputs, output_dir, work_dir):
+    # resume state, as a trainer leaves it: the runner removes it once the stage is published, keeps it on failure
+    checkpoint = work_dir / "checkpoints" / "checkpoint-1"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"\0" * (1 << 20))
     if cfg.fail:
         raise RuntimeError("toy stage failed on purpose")
     if cfg.user_error:
