@@ -362,7 +362,7 @@ merged_sft_alignment,eval_final \
   PAPER_1P5B="$PAPER_1P5B reasoning_grpo.steps_per_rollout=1 reasoning_grpo.max_steps=1" PAPER_TIMEOUT=2400 paper_1p5b
   df -h /tmp | tail -n 1 > "$OUT/disk.txt"; du -sh /tmp/work_paper /tmp/art_paper /tmp/fx >> "$OUT/disk.txt" 2>&1
 }
-lease6b_chain() { job sft 0 sft_lease6b; job paper 0 paper_lease6b; touch /tmp/jobs/chain.done; }
+lease6b_chain() { job paper 0 paper_lease6b; touch /tmp/jobs/chain.done; }
 lease6b_start() {
   vsetup
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -24,10 +24,11 @@ rl_curves.png and loss.png, and the SFT's sft_log_history.jsonl with sft_loss.pn
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -209,6 +210,9 @@ def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
     trainers.save_model(model, tokenizer, done)
     (done / "metrics.json").write_text(json.dumps({"metrics": logs.clean_metrics(metrics),
                                                    "log_history": history}))
+    # the SFT trainer's checkpoints only served to resume the SFT, which the saved model now replaces: with fp32 AdamW
+    # state they are 17 GB at 1.5B, and beside the RL's own they filled a 64 GB disk (benchmarks/README.md)
+    shutil.rmtree(sft_dir / trainers.CHECKPOINT_DIR, ignore_errors=True)
     # RL starts from the saved model, as a resumed run does: under FSDP the trained one is wrapped (FSDPQwen3...), and
     # a second trainer's FSDP wrap finds no decoder-layer class in it (seen on 2 and 4 H100s)
     del model, trainer

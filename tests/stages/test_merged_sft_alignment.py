@@ -172,6 +172,9 @@ def test_smoke_run_sft_from_base_then_alignment_resumes(smoke_base, stage3_datas
     # RL starts from the saved SFT model, not the SFT trainer's object (under FSDP that one is wrapped, and the RL
     # trainer's FSDP wrap then fails: "Could not find the transformer layer class", on 2 and 4 H100s)
     assert loaded == [Path(smoke_base), work / "sft" / "model"]
+    # the SFT's resume checkpoints are gone once its model is saved (they would sit beside the RL's on the disk)
+    assert (work / "sft" / "model" / "metrics.json").is_file() and not (work / "sft" / "checkpoints").exists()
+    assert list((work / "alignment" / "checkpoints").glob("checkpoint-*"))
 
     assert metrics["sft_samples"] == 64 and metrics["sft_global_step"] == cfg.sft.max_steps
     assert metrics["global_step"] == cfg.alignment.max_steps and metrics["preference_rewards_from_step"] == 3
