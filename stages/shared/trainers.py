@@ -178,8 +178,43 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
         # held-out checks deadlock in the layers' all-gathers as soon as two processes stop after different lengths.
         trainer.model._is_fsdp_managed_module = True
     trainer.resumed_from = start
+    if is_main_process():
+        check_checkpoint_space(trainer, checkpoint_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     return start
+
+
+def checkpoint_bytes(trainer) -> int:
+    """What one trainer checkpoint of this model takes on disk: the trained weights in their dtype, AdamW's two
+    states per trained parameter, and GRPO's reference when it is saved with the checkpoint (sync_ref_model)."""
+    model = trainer.model
+    trained = [p for p in model.parameters() if p.requires_grad]
+    peft = hasattr(model, "peft_config")  # an adapter checkpoint holds the adapter's weights only
+    weights = sum(p.numel() * p.element_size() for p in (trained if peft else model.parameters()))
+    adam = 2 * sum(p.numel() * p.element_size() for p in trained)
+    reference = getattr(trainer, "ref_model", None) if getattr(trainer.args, "sync_ref_model", False) else None
+    ref = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    return weights + adam + ref
+
+
+def check_checkpoint_space(trainer, checkpoint_dir: str | Path) -> None:
+    """Refuse to start training where not even one checkpoint fits the disk, and warn where the ones the trainer keeps
+    do not (save_total_limit, plus the one it writes before dropping the oldest): otherwise the stage fails at its
+    first save, after minutes or hours of training (the paper preset's recipe did, on a lent 64 GB disk)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    one = checkpoint_bytes(trainer)
+    free = shutil.disk_usage(checkpoint_dir).free
+    kept = int(trainer.args.save_total_limit or 1) + 1
+    gb = 2**30
+    sizes = f"one checkpoint of this model (weights, AdamW state{', reference' if getattr(trainer.args, 'sync_ref_model', False) else ''}) is {one / gb:.1f} GiB"
+    fix = ("free space there, or point work_root (where checkpoints go) at a larger disk, e.g. "
+           "`python -m pipeline.cli run work_root=/scratch/r1flow-work`")
+    if free < one:
+        raise UserError(f"{checkpoint_dir}: {free / gb:.1f} GiB free, but {sizes}: the first save would fail; {fix}")
+    if free < kept * one:
+        log.warning(f"{checkpoint_dir}: {free / gb:.1f} GiB free; {sizes} and the trainer holds up to {kept} at a "
+                    f"time while saving ({kept * one / gb:.1f} GiB): a later save may fail; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -142,3 +142,48 @@ def test_grpo_batch_must_hold_whole_groups(tmp_path):
 
     args = trainers.grpo_args(cfg, tmp_path)
     assert isinstance(args, GRPOConfig) and args.generation_batch_size == 12
+
+
+def _smoke_sft_trainer(smoke_base, work_dir, **overrides):
+    from datasets import Dataset
+
+    from stages.shared import models
+
+    model, tok = models.load_model(smoke_base), models.load_tokenizer(smoke_base)
+    cfg = compose_config(["size=smoke", "cold_start_sft.eval_samples=0",
+                          *[f"cold_start_sft.{k}={v}" for k, v in overrides.items()]]).cold_start_sft
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": "What is 2+3?"},
+                                            {"role": "assistant", "content": "<think>2+3=5</think> 5"}]}] * 4)
+    return trainers.sft_trainer(cfg, model, tok, data, work_dir, name="cold_start_sft")
+
+
+def test_the_checkpoint_estimate_is_what_the_trainer_writes(smoke_base, tmp_path):
+    """checkpoint_bytes against a real checkpoint of the SFT trainer: weights plus AdamW state, within 10% (the rest is
+    the scheduler, RNG and JSON)."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=1, save_steps=1)
+    estimate = trainers.checkpoint_bytes(trainer)
+    trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    written = sum(f.stat().st_size for f in (tmp_path / trainers.CHECKPOINT_DIR / "checkpoint-1").rglob("*")
+                  if f.is_file())
+    assert written == pytest.approx(estimate, rel=0.10), (written, estimate)
+
+
+def test_training_refuses_to_start_where_one_checkpoint_does_not_fit(smoke_base, tmp_path, monkeypatch, caplog):
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=1, save_steps=1)
+    one = trainers.checkpoint_bytes(trainer)
+    usage = trainers.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(trainers.shutil, "disk_usage", lambda path: usage._replace(free=one // 2))
+    with pytest.raises(UserError) as refused:
+        trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    message = str(refused.value)
+    assert str(tmp_path / trainers.CHECKPOINT_DIR) in message and "the first save would fail" in message
+    assert "work_root=" in message and f"{one / 2**30:.1f} GiB" in message
+    assert trainer.state.global_step == 0  # nothing trained
+
+    # room for one checkpoint but not for the three the trainer holds while rotating: it trains, with a warning
+    monkeypatch.setattr(trainers.shutil, "disk_usage", lambda path: usage._replace(free=2 * one))
+    with caplog.at_level("WARNING", logger=trainers.log.name):
+        trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    assert trainer.state.global_step == 1
+    assert any("holds up to 3 at a time" in r.getMessage() and "a later save may fail" in r.getMessage()
+               for r in caplog.records)
