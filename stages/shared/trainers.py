@@ -207,7 +207,8 @@ def check_checkpoint_space(trainer, checkpoint_dir: str | Path) -> None:
     free = shutil.disk_usage(checkpoint_dir).free
     kept = int(trainer.args.save_total_limit or 1) + 1
     gb = 2**30
-    sizes = f"one checkpoint of this model (weights, AdamW state{', reference' if getattr(trainer.args, 'sync_ref_model', False) else ''}) is {one / gb:.1f} GiB"
+    parts = "weights, AdamW state" + (", reference" if getattr(trainer.args, "sync_ref_model", False) else "")
+    sizes = f"one checkpoint of this model ({parts}) is {one / gb:.1f} GiB"
     fix = ("free space there, or point work_root (where checkpoints go) at a larger disk, e.g. "
            "`python -m pipeline.cli run work_root=/scratch/r1flow-work`")
     if free < one:
