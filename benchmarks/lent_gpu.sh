@@ -287,14 +287,15 @@ lease3_wait() {  # $1: at most this many seconds, until the chain is done
   while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/jobs/chain.done ]; do sleep 10; done
   lease4_collect
 }
-lease3_start() {
+start_chain() {  # $1: the chain function, started in its own session (it outlives the call while the machine is held)
   vsetup
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
   mkdir -p /tmp/jobs
-  setsid bash benchmarks/lent_gpu.sh lease3_chain < /dev/null > /dev/null 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh "$1" < /dev/null > /dev/null 2>&1 &
   sleep 5; ls /tmp/jobs
 }
+lease3_start() { start_chain lease3_chain; }
 
 # Fourth lease (one H100): the project's GRPO step against plain TRL, then the paper preset's GRPO step at its lengths
 # (bench_grpo_gpu.py groups; each driver its own folder). Call 1: part1; call 2: `bash .gpu/bin/device.sh part2 check &&
@@ -308,14 +309,10 @@ grpo_lease5() {  # the benchmarks import the project (pipeline, stages): the che
 }
 lease5_chain() { job grpo 0 grpo_lease5; touch /tmp/jobs/chain.done; }
 lease5_start() {
-  vsetup
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
   mkdir -p /tmp/jobs
   ( while sleep 5; do echo "$(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"; done ) \
     > /tmp/jobs/gpu_util.txt 2>&1 &
-  setsid bash benchmarks/lent_gpu.sh lease5_chain < /dev/null > /dev/null 2>&1 &
-  sleep 5; ls /tmp/jobs
+  start_chain lease5_chain
 }
 lease5_collect() {
   mkdir -p $OUT/r
@@ -364,23 +361,12 @@ merged_sft_alignment,eval_final \
 }
 lease6b_chain() { job paper 0 paper_lease6b; touch /tmp/jobs/chain.done; }
 lease6b_start() {
-  vsetup
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
   mkdir -p /tmp/jobs
   ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
-  setsid bash benchmarks/lent_gpu.sh lease6b_chain < /dev/null > /dev/null 2>&1 &
-  sleep 5; ls /tmp/jobs
+  start_chain lease6b_chain
 }
 lease6_chain() { job sft 0 sft_lease6; job paper 0 paper_lease6; touch /tmp/jobs/chain.done; }
-lease6_start() {
-  vsetup
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c 'import pebble, vllm, trl; print("pebble ok")' || exit 1
-  mkdir -p /tmp/jobs
-  setsid bash benchmarks/lent_gpu.sh lease6_chain < /dev/null > /dev/null 2>&1 &
-  sleep 5; ls /tmp/jobs
-}
+lease6_start() { start_chain lease6_chain; }
 lease6_wait() {  # $1: at most this many seconds, until the chain is done; then everything in one archive (8 files)
   local end=$(( $(date +%s) + $1 ))
   while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/jobs/chain.done ]; do sleep 10; done
