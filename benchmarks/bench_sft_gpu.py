@@ -387,6 +387,42 @@ def check_varlen() -> dict:
     return res
 
 
+def check_varlen_kernels(iters=20) -> dict:
+    """The two varlen kernels of stages/shared/attention.py on one packed row of this benchmark's shape (32 samples of
+    128..2048 tokens, 16 query / 8 KV heads of 64, bf16): cuDNN against flash, relative error of the output and of
+    dq/dk/dv, and the forward+backward time of each (CUDA-synchronised median of `iters`)."""
+    from stages.shared import attention
+
+    g = torch.Generator().manual_seed(2)
+    lens = torch.randint(128, 2049, (32,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)]).cuda()
+    total, max_len = int(lens.sum()), int(lens.max())
+    q = torch.randn(total, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(total, 16, 64, device="cuda", dtype=torch.bfloat16)
+    kernels = {"flash": attention._varlen_fn(), "cudnn": attention._cudnn_varlen}
+    outs, res = {}, {"tokens": total}
+    for name, fn in kernels.items():
+        out = fn(q, k, v, cu, max_len, 0.125)
+        out.backward(dout)
+        outs[name] = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]
+        for t in (q, k, v):
+            t.grad = None
+        times = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(q, k, v, cu, max_len, 0.125).backward(dout)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        res[f"{name}_fwd_bwd_ms"] = round(1e3 * sorted(times)[len(times) // 2], 2)
+    rel = lambda a, r: float((a - r).norm() / r.norm())
+    res.update({f"rel_err_{n}": rel(c, f) for n, c, f in zip(("out", "dq", "dk", "dv"), outs["cudnn"], outs["flash"])})
+    print("varlen kernels:", json.dumps(res), flush=True)
+    return res
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The project's path
 
@@ -583,6 +619,10 @@ PROJECT_JOBS = {
     "project_b32_backbone_workers2": dict(batch=32, hardware=["hardware.compile=backbone"]),
     "project_b32_backbone_nosync": dict(batch=32, hardware=["hardware.compile=backbone"],
                                         fields={"logging_nan_inf_filter": False}, nosync=True),
+    # padding-free rows through cuDNN's fused attention instead of PyTorch's varlen flash (attention.VARLEN_CUDNN)
+    "project_b32_cudnn": dict(batch=32, hardware=["hardware.attn_implementation=sdpa_varlen_cudnn"]),
+    "project_b32_cudnn_nosync": dict(batch=32, hardware=["hardware.attn_implementation=sdpa_varlen_cudnn"],
+                                     fields={"logging_nan_inf_filter": False}, nosync=True),
     # pure bf16 weights and AdamW state (what hardware=gpu did before fp32 master weights became the default)
     "project_b32_bf16_weights": dict(batch=32, hardware=["hardware.weights_dtype=bfloat16"]),
     # under `accelerate launch --use_fsdp ... --num_processes N` (benchmarks/lent_gpu.sh fsdp): 32 samples per GPU
@@ -616,6 +656,11 @@ def main(argv):
         jobs = [(n, (lambda n=n: EXPLORE[n](ds, peak))) for n in (names or list(EXPLORE))]
     else:
         ds = data()
+        if any("cudnn" in n for n in names):
+            try:
+                check_varlen_kernels()
+            except Exception:
+                traceback.print_exc()
         model_dir = Path(tempfile.mkdtemp(prefix="bench_model_"))
         build_model().save_pretrained(model_dir)
         tokenizer().save_pretrained(model_dir)

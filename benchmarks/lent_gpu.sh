@@ -262,19 +262,23 @@ reward_model.helpfulness.max_steps=2 reward_model.harmlessness.max_steps=2 merge
 merged_sft_alignment.alignment.max_steps=2 merged_sft_alignment.alignment.prompts_per_step=8 \
 merged_sft_alignment.alignment.gradient_accumulation_steps=8 merged_sft_alignment.alignment.preference_rewards_from=0 \
 merged_sft_alignment.alignment.eval_general_prompts=1 merged_sft_alignment.eval_max_new_tokens=512"
-paper_1p5b() {
-  [ -d /tmp/fx/qwen2.5-math-1.5b ] ||
-    python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-1.5b > "$OUT/build.log" 2>&1 || return 1
+paper_1p5b() {  # PAPER_TAG names the artifact and work roots; PAPER_FAMILIES are built (full size) into /tmp/fx
+  local tag=${PAPER_TAG:-paper} family
+  for family in ${PAPER_FAMILIES:-qwen2.5-math-1.5b}; do
+    [ -f /tmp/fx/$family.done ] && continue
+    python tests/fixtures/real_models/build.py --full-size --out /tmp/fx $family >> "$OUT/build.log" 2>&1 || return 1
+    touch /tmp/fx/$family.done
+  done
   local t=$(date +%s)
   ( while sleep 15; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done ) > "$OUT/gpu_mem.txt" &
   local mon=$!
   timeout "${PAPER_TIMEOUT:-1500}" python benchmarks/stage_times.py --run --stages $PAPER_STAGES $PAPER_1P5B \
-    artifacts_root=/tmp/art_paper work_root=/tmp/work_paper --json "$OUT/paper_1p5b.json" > "$OUT/paper_1p5b.log" 2>&1
+    artifacts_root=/tmp/art_$tag work_root=/tmp/work_$tag --json "$OUT/paper_1p5b.json" > "$OUT/paper_1p5b.log" 2>&1
   local rc=$?
   kill $mon
   echo "== paper 1.5B rc=$rc in $(( $(date +%s) - t )) s, GPU memory used at most $(sort -n "$OUT/gpu_mem.txt" | tail -n 1) MiB" \
     | tee -a "$OUT/paper_1p5b.log"
-  find /tmp/art_paper -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  find /tmp/art_$tag -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
   return $rc
 }
 grpo_project() {  # the project's GRPO step against plain TRL on this machine (bench_grpo_gpu.py)
@@ -366,6 +370,42 @@ lease6b_start() {
   start_chain lease6b_chain
 }
 lease6_chain() { job sft 0 sft_lease6; job paper 0 paper_lease6; touch /tmp/jobs/chain.done; }
+
+# Seventh lease (4 GPUs of one host, issues 16 and 15), three jobs side by side, each on its own GPUs:
+# - GPU 0: the SFT benchmark with cuDNN's fused attention for the padding-free rows (attention.VARLEN_CUDNN, after a
+#   kernel check against flash), with and without TRL's per-step syncs; then the distill recipe at the paper preset's
+#   lengths: its own teacher chain through the 1.5B shape, the student an R1-Distill-Qwen-1.5B-shaped checkpoint
+#   (context 131,072: distill's 32,768-token packed rows are not capped), 1 step of 16 rows (scaled for time),
+#   eval_distill at k=8 (scaled for time; 64 in the preset).
+# - GPU 1: the paper chain of the sixth lease's second machine (lease6b) again, after the disk fixes, to merged SFT +
+#   alignment RL and eval_final.
+# - GPUs 2-3: the whole r1 recipe on 2 GPUs (hardware=multi_gpu) after the FSDP fix (merged_sft_alignment, eval_final).
+sft_lease7() {
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  SFT_VARIANTS="project_b32_default project_b32_cudnn project_b32_nosync project_b32_cudnn_nosync" SFT_TIMEOUT=480 \
+    sft_mfu
+  rm -rf /tmp/bench_model_* /tmp/project_b32_*
+}
+distill_lease7() {
+  PAPER_TAG=distill PAPER_FAMILIES="qwen2.5-math-1.5b deepseek-r1-distill-qwen-1.5b" \
+  PAPER_STAGES=base,cold_start_sft,reasoning_grpo,rejection_sampling,student_base,distill,eval_distill,report \
+  PAPER_1P5B="$PAPER_1P5B recipe=distill model@student=qwen2.5-math-1.5b \
+student.source=/tmp/fx/deepseek-r1-distill-qwen-1.5b reasoning_grpo.steps_per_rollout=1 reasoning_grpo.max_steps=1 \
+distill.max_steps=1 distill.gradient_accumulation_steps=16 evaluate.num_samples=8" PAPER_TIMEOUT=2400 paper_1p5b
+}
+lease7_chain() {
+  mkdir -p /tmp/fx
+  ( job sft 0 sft_lease7; job distill 0 distill_lease7 ) &
+  ( sleep 20; job paper 1 paper_lease6b ) &
+  ( sleep 40; job two 2,3 two_gpus_recipe ) &
+  wait
+  touch /tmp/jobs/chain.done
+}
+lease7_start() {
+  mkdir -p /tmp/jobs
+  ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
+  start_chain lease7_chain
+}
 lease6_start() { start_chain lease6_chain; }
 lease6_wait() {  # $1: at most this many seconds, until the chain is done; then everything in one archive (8 files)
   local end=$(( $(date +%s) + $1 ))
