@@ -5,8 +5,7 @@
   the restarts of `position_ids`). This attention runs it through PyTorch's own variable-length flash attention
   (`torch.nn.attention.varlen`, no flash-attn package needed), so no token attends across a boundary and no pad
   token is computed. Every other call (padded batches with a mask, generation with a KV cache) goes to transformers'
-  sdpa unchanged, so the same model also generates and evaluates. `sdpa_varlen_cudnn` runs the same rows through
-  cuDNN's fused attention instead (`_cudnn_varlen`; benchmarks/bench_sft_gpu.py compares the two kernels).
+  sdpa unchanged, so the same model also generates and evaluates.
 - `padding_free: true` (`padding_free_collator`): SFT batches are flattened into that one row instead of padded to the
   longest sample. The samples per step, the loss and its normalisation (mean over the batch's completion tokens) stay
   what they are with padding: it changes how the step computes, not what (hardware stays out of stage versions).
@@ -23,9 +22,8 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
+import inspect
 from typing import Mapping
 
 import torch
@@ -35,8 +33,6 @@ from stages.shared.hardware import on_cpu
 log = logging.getLogger(__name__)
 
 VARLEN = "sdpa_varlen"
-VARLEN_CUDNN = "sdpa_varlen_cudnn"
-VARLEN_KERNELS = {VARLEN: "flash", VARLEN_CUDNN: "cudnn"}
 _registered = False
 _cu_cache: dict = {}
 
@@ -61,21 +57,6 @@ def _varlen_fn():
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
 
     return attend
-
-
-def _cudnn_varlen(q, k, v, cu, max_len, scale):
-    """Causal attention over the packed sequences of (T, H, D) q/k/v through cuDNN's fused kernel: the aten op behind
-    SDPA on nested tensors, with the same cu_seq_lens as flash. PyTorch's own varlen_attn has this path switched off
-    (torch 2.11-2.13: no GQA, no window), so GQA repeats the KV heads here. The op has no fake kernel, so it runs
-    outside the compiled graph (one break per layer); its backward is aten's (_cudnn_attention_backward)."""
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False,
-                                                   scale=scale)[0]
-
-
-_cudnn_varlen = torch.compiler.disable(_cudnn_varlen)
 
 
 def _segments(kwargs: dict, q_len: int):
@@ -105,18 +86,15 @@ def _segments(kwargs: dict, q_len: int):
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          is_causal=None, *, kernel: str = "flash", **kwargs):
-    """transformers attention interface: varlen attention (`kernel`: flash or cudnn) for a one-row padding-free batch,
-    sdpa otherwise."""
+                          is_causal=None, **kwargs):
+    """transformers attention interface: varlen flash attention for a one-row padding-free batch, sdpa otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
     if attention_mask is None and query.shape[0] == 1 and q_len > 1 and key.shape[2] == q_len:
         seg = _segments(kwargs, q_len)
         if seg is not None:
-            attend = None
-            if query.is_cuda and dropout == 0.0:
-                attend = _cudnn_varlen if kernel == "cudnn" else _varlen_fn()
+            attend = _varlen_fn() if query.is_cuda and dropout == 0.0 else None
             low = _flash_dtype(query.dtype)
             if attend is not None and low is not None:
                 cu, max_len = seg
@@ -157,16 +135,14 @@ def _varlen_mask(*args, **kwargs):
 
 
 def register() -> str:
-    """Make `sdpa_varlen` and `sdpa_varlen_cudnn` transformers attention implementations (idempotent); returns the
-    first's name."""
+    """Make `sdpa_varlen` a transformers attention implementation (idempotent); returns its name."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
 
-        for name, kernel in VARLEN_KERNELS.items():
-            AttentionInterface.register(name, functools.partial(varlen_sdpa_attention, kernel=kernel))
-            AttentionMaskInterface.register(name, _varlen_mask)
+        AttentionInterface.register(VARLEN, varlen_sdpa_attention)
+        AttentionMaskInterface.register(VARLEN, _varlen_mask)
         _registered = True
     return VARLEN
 
@@ -180,7 +156,7 @@ def set_attention(model, name: str | None) -> str:
     varlen flash attention); returns the implementation in use."""
     if not name:
         return model.config._attn_implementation
-    if name in VARLEN_KERNELS:
+    if name == VARLEN:
         register()
         if not varlen_available():
             name = "sdpa"
@@ -207,7 +183,7 @@ def use_padding_free(hardware: Mapping, model=None) -> bool:
         return False
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None) if model is not None else \
         hardware["attn_implementation"]
-    return attn in (*VARLEN_KERNELS, "flash_attention_2", "flash_attention_3", "flex_attention")
+    return attn in (VARLEN, "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def liger_available() -> bool:

@@ -209,35 +209,6 @@ def test_padding_free_rows_match_separate_sequences():
     torch.testing.assert_close(from_positions, sep, atol=1e-5, rtol=1e-5)
 
 
-def test_cudnn_varlen_hands_the_kernel_each_sequence_and_whole_kv_heads(monkeypatch):
-    """sdpa_varlen_cudnn's glue: the packed row, its cu_seq_lens, the longest length, causality and the scale reach
-    cuDNN's aten op in its argument order, with GQA's KV heads repeated to the query heads (the op takes no GQA). The
-    op itself is CUDA-only: here a stand-in computes it per sequence; benchmarks/bench_sft_gpu.py checks the real
-    kernel against flash on the GPU."""
-    import torch.nn.functional as F
-
-    from stages.shared import attention
-
-    def cudnn_stand_in(q, k, v, bias, cu_q, cu_k, max_q, max_k, lse, dropout, causal, debug, *, scale):
-        assert bias is None and torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
-        assert causal and dropout == 0.0 and q.shape[1] == k.shape[1] == v.shape[1]
-        out = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                                        scale=scale).transpose(0, 1)
-                         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())])
-        return (out,) + (None,) * 8
-
-    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_forward", cudnn_stand_in)
-    lens = [5, 1, 9]
-    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
-    q, k, v = torch.randn(15, 4, 8), torch.randn(15, 2, 8), torch.randn(15, 2, 8)
-    got = attention._cudnn_varlen(q, k, v, cu, max(lens), 0.3)
-    want = torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                     v[a:b].transpose(0, 1), is_causal=True, scale=0.3,
-                                                     enable_gqa=True).transpose(0, 1)
-                      for a, b in ((0, 5), (5, 6), (6, 15))])
-    torch.testing.assert_close(got, want)
-
-
 def test_varlen_attention_leaves_padded_batches_and_generation_to_sdpa():
     from stages.shared import attention
 
