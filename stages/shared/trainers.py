@@ -318,13 +318,15 @@ class ProgressCallback(TrainerCallback):
         self.t0 = None
         self.start_step = 0
         self.last_event = 0.0
+        self.last_step_end = None
 
     def _emit(self, state, metrics=None):
         progress.emit(self.phase, state.global_step, state.max_steps, metrics)
         self.last_event = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and time.time() - self.last_event >= progress.MIN_EVENT_INTERVAL_S:
+        self.last_step_end = time.time()
+        if state.is_world_process_zero and self.last_step_end - self.last_event >= progress.MIN_EVENT_INTERVAL_S:
             self._emit(state)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -351,7 +353,9 @@ class ProgressCallback(TrainerCallback):
                 parts.append(f"{key.split('/')[1]}={_fmt(value)}")
         if len(parts) > 1 and state.is_world_process_zero:  # several processes (FSDP): one line, not one each
             if self.t0 is not None and state.global_step > self.start_step:
-                per_step = (time.time() - self.t0) / (state.global_step - self.start_step)
+                # up to the end of the last step: the summary logged after training comes after the last checkpoint
+                # write (140 s for a 7B one), which is not a step's time
+                per_step = ((self.last_step_end or time.time()) - self.t0) / (state.global_step - self.start_step)
                 parts.append(f"s/step={per_step:.2f}")
             log.info(" ".join(parts))
 

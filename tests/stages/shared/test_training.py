@@ -130,6 +130,24 @@ def test_progress_line(caplog):
     assert caplog.records == []
 
 
+def test_progress_line_times_steps_not_the_checkpoint_write_after_them(caplog, monkeypatch):
+    """The line of the summary logged at the end of training comes after the last checkpoint is written: its s/step
+    counts up to the end of the last step."""
+    caplog.set_level("INFO", logger="stages.shared.trainers")
+    now = [0.0]
+    monkeypatch.setattr(trainers.time, "time", lambda: now[0])
+    cb = trainers.ProgressCallback("sft")
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 2, 0
+    cb.on_train_begin(None, state, control)
+    for step in (1, 2):  # 10 s a step
+        now[0], state.global_step = 10.0 * step, step
+        cb.on_step_end(None, state, control)
+    now[0] = 160.0  # then the checkpoint write
+    cb.on_log(None, state, control, logs={"loss": 1.5, "train_runtime": 160.0})
+    assert caplog.records[-1].getMessage().endswith("s/step=10.00")
+
+
 def test_plots_write_pngs(tmp_path):
     assert plots.plot_rl(HISTORY, tmp_path / "rl.png").stat().st_size > 5000
     assert plots.plot_loss(HISTORY, tmp_path / "loss.png").stat().st_size > 2000
