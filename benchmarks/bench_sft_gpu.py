@@ -404,6 +404,10 @@ def check_varlen_kernels(iters=20) -> dict:
     8 KV heads of 64, bf16): relative error of the output and of dq/dk/dv, and the forward+backward time of each
     (CUDA-synchronised median of `iters`). On the 7th lease's H200 (torch 2.11): output within 1.5e-3, gradients
     wrong (dq inf), 32x slower, and the SFT run through it crashed (illegal memory access): not adopted."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    def flash(q, k, v, cu, max_len, scale):  # what attention.VARLEN runs (torch 2.11's signature)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
 
     g = torch.Generator().manual_seed(2)
     lens = torch.randint(128, 2049, (32,), generator=g)
@@ -413,11 +417,6 @@ def check_varlen_kernels(iters=20) -> dict:
     k = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn(total, 16, 64, device="cuda", dtype=torch.bfloat16)
-    from torch.nn.attention.varlen import varlen_attn
-
-    def flash(q, k, v, cu, max_len, scale):  # what attention.VARLEN runs (torch 2.11's signature)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
-
     kernels = {"flash": flash, "cudnn": cudnn_varlen}
     outs, res = {}, {"tokens": total}
     for name, fn in kernels.items():
