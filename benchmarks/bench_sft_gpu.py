@@ -627,8 +627,11 @@ PROJECT_JOBS = {
     "project_b32_nocompile": dict(batch=32, hardware=["hardware.compile=false"]),
     # issue 16 item 4 (fp32 master weights, 2 loader workers: conf/hardware/gpu.yaml now); the default, unprofiled
     "project_b32_default": dict(batch=32),
-    # transformers' Trainer checks every micro-step's loss for NaN/inf (`logging_nan_inf_filter`): a host sync
+    # transformers' Trainer checks every micro-step's loss for NaN/inf (`logging_nan_inf_filter`): a host sync. Off in
+    # every trainer since trainers.trainer_args logs NaN losses as NaN, so this is the default again (the sixth
+    # lease's pair); project_b32_nanfilter_on measures the filter's cost
     "project_b32_nanfilter_off": dict(batch=32, fields={"logging_nan_inf_filter": False}),
+    "project_b32_nanfilter_on": dict(batch=32, fields={"logging_nan_inf_filter": True}),
     # ... and TRL's per-step metric syncs (entropy, token accuracy, token count) removed too
     "project_b32_nosync": dict(batch=32, fields={"logging_nan_inf_filter": False}, nosync=True),
     # the whole decoder stack as one graph, with the 2 loader workers (and without host syncs)

@@ -67,10 +67,10 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
     """Build a TRL config (SFTConfig, GRPOConfig, ...) for one stage.
 
     From cfg: every key that is a field of config_cls (trl_fields) and the hardware settings; ours: checkpoints into
-    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), the trackers of hardware.report_to
-    (run.report_to; TensorBoard writes under checkpoint_dir/runs/, which `finish` copies into the artifact), tqdm's bar
-    only on a terminal (ProgressCallback logs lines that stream into Prefect). `fields` (what a stage derives) override
-    them. Unknown fields are an error.
+    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), NaN losses logged as NaN, the trackers of
+    hardware.report_to (run.report_to; TensorBoard writes under checkpoint_dir/runs/, which `finish` copies into the
+    artifact), tqdm's bar only on a terminal (ProgressCallback logs lines that stream into Prefect). `fields` (what a
+    stage derives) override them. Unknown fields are an error.
     """
     base = dict(
         output_dir=str(checkpoint_dir),
@@ -82,6 +82,9 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
         logging_strategy="steps",
         save_strategy="steps",
         save_total_limit=2,
+        # a NaN or inf loss is logged as such; transformers' filter logs the mean of the earlier steps instead (0.0 on
+        # a first step), and its check is a host sync on every micro-step (benchmarks/README.md, SFT MFU)
+        logging_nan_inf_filter=False,
         **hardware_args(cfg["hardware"]),
         **trl_fields(config_cls, cfg),
     )

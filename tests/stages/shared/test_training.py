@@ -205,3 +205,21 @@ def test_training_refuses_to_start_where_one_checkpoint_does_not_fit(smoke_base,
     assert trainer.state.global_step == 1
     assert any("holds up to 3 at a time" in r.getMessage() and "a later save may fail" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_nan_loss_is_logged_as_nan_not_hidden(smoke_base, tmp_path, monkeypatch):
+    """transformers' default (logging_nan_inf_filter) logs a NaN or inf step as the mean of the earlier ones: 0.0 for
+    a first step. A diverging run must show its NaN in the log and the Prefect UI."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=100, logging_steps=1)
+    compute_loss = trainer.compute_loss
+
+    def nan_on_the_second_step(*args, **kwargs):
+        out = compute_loss(*args, **kwargs)
+        if trainer.state.global_step == 1:
+            return out * float("nan") if not isinstance(out, tuple) else (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(trainer, "compute_loss", nan_on_the_second_step)
+    trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
