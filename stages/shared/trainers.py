@@ -67,10 +67,10 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
     """Build a TRL config (SFTConfig, GRPOConfig, ...) for one stage.
 
     From cfg: every key that is a field of config_cls (trl_fields) and the hardware settings; ours: checkpoints into
-    `checkpoint_dir` (two kept; optimizer, scheduler and RNG included), NaN losses logged as NaN, the trackers of
-    hardware.report_to (run.report_to; TensorBoard writes under checkpoint_dir/runs/, which `finish` copies into the
-    artifact), tqdm's bar only on a terminal (ProgressCallback logs lines that stream into Prefect). `fields` (what a
-    stage derives) override them. Unknown fields are an error.
+    `checkpoint_dir` (the last one kept; optimizer, scheduler and RNG included), NaN losses logged as NaN, the
+    trackers of hardware.report_to (run.report_to; TensorBoard writes under checkpoint_dir/runs/, which `finish` copies
+    into the artifact), tqdm's bar only on a terminal (ProgressCallback logs lines that stream into Prefect). `fields`
+    (what a stage derives) override them. Unknown fields are an error.
     """
     base = dict(
         output_dir=str(checkpoint_dir),
@@ -81,7 +81,9 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
         log_level="warning",
         logging_strategy="steps",
         save_strategy="steps",
-        save_total_limit=2,
+        # the last checkpoint only: the trainer deletes the older one after the new one is complete, so a crash while
+        # saving still leaves one to resume from, and the disk holds two at a time, not three (a 7B one is 85 GiB)
+        save_total_limit=1,
         # a NaN or inf loss is logged as such; transformers' filter logs the mean of the earlier steps instead (0.0 on
         # a first step), and its check is a host sync on every micro-step (benchmarks/README.md, SFT MFU)
         logging_nan_inf_filter=False,
@@ -234,7 +236,7 @@ class ReferenceCheckpointCallback(TrainerCallback):
     but a trainer checkpoint holds only the policy, optimizer, scheduler and RNG: a resumed GRPOTrainer builds its
     reference from the initial model again and measures the KL against that until the next sync (up to 399 steps
     with R1's reset every 400). The weights are saved rather than rebuilt from the step of the last sync because the
-    policy of that step is gone by then (two checkpoints are kept) and ref_model_mixup_alpha < 1 makes the reference
+    policy of that step is gone by then (one checkpoint is kept) and ref_model_mixup_alpha < 1 makes the reference
     a running mix of many policies. Written at the end of a step that saves, after that step's sync and before the
     trainer writes the checkpoint (whose trainer_state.json, written last, marks it complete)."""
 

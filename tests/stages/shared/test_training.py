@@ -198,13 +198,20 @@ def test_training_refuses_to_start_where_one_checkpoint_does_not_fit(smoke_base,
     assert "work_root=" in message and f"{one / 2**30:.1f} GiB" in message
     assert trainer.state.global_step == 0  # nothing trained
 
-    # room for one checkpoint but not for the three the trainer holds while rotating: it trains, with a warning
-    monkeypatch.setattr(trainers.shutil, "disk_usage", lambda path: usage._replace(free=2 * one))
+    # room for one checkpoint but not for the two the trainer holds while rotating: it trains, with a warning
+    monkeypatch.setattr(trainers.shutil, "disk_usage", lambda path: usage._replace(free=3 * one // 2))
     with caplog.at_level("WARNING", logger=trainers.log.name):
         trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
     assert trainer.state.global_step == 1
-    assert any("holds up to 3 at a time" in r.getMessage() and "a later save may fail" in r.getMessage()
+    assert any("holds up to 2 at a time" in r.getMessage() and "a later save may fail" in r.getMessage()
                for r in caplog.records)
+
+
+def test_training_keeps_the_last_checkpoint_only(smoke_base, tmp_path):
+    """Two at most on the disk while saving (the new one is complete before the old one goes), one after."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=3, save_steps=1)
+    trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    assert [p.name for p in (tmp_path / trainers.CHECKPOINT_DIR).glob("checkpoint-*")] == ["checkpoint-3"]
 
 
 def test_a_nan_loss_is_logged_as_nan_not_hidden(smoke_base, tmp_path, monkeypatch):
