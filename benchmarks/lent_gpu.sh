@@ -363,10 +363,13 @@ merged_sft_alignment,eval_final \
   PAPER_1P5B="$PAPER_1P5B reasoning_grpo.steps_per_rollout=1 reasoning_grpo.max_steps=1" PAPER_TIMEOUT=2400 paper_1p5b
   df -h /tmp | tail -n 1 > "$OUT/disk.txt"; du -sh /tmp/work_paper /tmp/art_paper /tmp/fx >> "$OUT/disk.txt" 2>&1
 }
+disk_monitor() {  # the disk used under /tmp every 15 s, into /tmp/jobs/disk_used.txt (in the background)
+  ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
+}
 lease6b_chain() { job paper 0 paper_lease6b; touch /tmp/jobs/chain.done; }
 lease6b_start() {
   mkdir -p /tmp/jobs
-  ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
+  disk_monitor
   start_chain lease6b_chain
 }
 lease6_chain() { job sft 0 sft_lease6; job paper 0 paper_lease6; touch /tmp/jobs/chain.done; }
@@ -409,9 +412,8 @@ lease7_chain() {
 # cold-start SFT under hardware=multi_gpu at the paper preset's lengths (4,096 after the context cap), one step of 128
 # packed rows (32 per GPU on 4), FSDP full shard, gradient checkpointing; no vLLM (one call, part 1 of the carry only).
 seven_b_cold_start() {
-  source "${GPU_CARRY:-../../.gpu}/bin/device.sh" || exit 1
+  vsetup
   export PYTHONPATH=$PWD:$PYTHONPATH
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1
   local t=$(date +%s)
   python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-7b > "$OUT/build_7b.log" 2>&1 || {
     tail -n 20 "$OUT/build_7b.log"; return 1; }
@@ -430,7 +432,7 @@ seven_b_cold_start() {
 }
 lease7_start() {
   mkdir -p /tmp/jobs
-  ( while sleep 15; do echo "$(date +%T) $(df -m /tmp | tail -n 1 | awk '{print $3}') MiB used"; done ) > /tmp/jobs/disk_used.txt 2>&1 &
+  disk_monitor
   start_chain lease7_chain
 }
 lease6_start() { start_chain lease6_chain; }
