@@ -451,7 +451,109 @@ lease6_wait() {  # $1: at most this many seconds, until the chain is done; then 
   for f in /tmp/jobs/*.rc; do echo "== $f $(cat $f)"; done
   grep -h -A8 "^variant" /tmp/jobs/sft/sft.log 2>/dev/null
   grep -h "^== \|Traceback\|Error\|capped\|context" /tmp/jobs/*/paper_1p5b.log 2>/dev/null | cut -c1-300 | tail -n 30
+  grep -h "^== \|Traceback\|Error\|OutOfMemory" /tmp/jobs/*/{teacher,distill,merged,zero_7b}.log 2>/dev/null | cut -c1-300 \
+    | tail -n 30
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 }
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Eighth lease (issues 15 and 16). First machine, one H100 (80 GB, 64 GB disk): what the paper chain at the 1.5B shape
+# has not yet run at the preset's lengths: distillation (student R1-Distill-Qwen-1.5B-shaped, context 131,072, so its
+# 32,768-token rows and generations are not capped), and merged SFT + alignment RL to its end, then eval_final. The
+# stages that ran at full length in the sixth and seventh leases run shortened to get there: cold start 1 step, GRPO
+# and rejection sampling at 1,024 completion tokens, the reward models 1 step. The 64 GB disk cannot hold every 1.5B
+# fp32 artifact with a stage's resume state beside them (sixth lease), so the chain runs in three parts and removes
+# the artifacts that no later part reads (cold_start_sft and reasoning_grpo after rejection sampling, distill after
+# eval_distill), as a user on this disk would. Call 1: part 1 + the SFT benchmark + the fixtures (`lease8_first`);
+# call 2: part 2 + `lease8_start` + `lease6_wait 480`; then `lease6_wait 540`.
+P8="hardware=gpu model=qwen2.5-math-1.5b model.source=/tmp/fx/qwen2.5-math-1.5b evaluate.max_questions=2 \
+cold_start_sft.max_steps=1 reasoning_grpo.max_steps=1 reasoning_grpo.steps_per_rollout=1 \
+reasoning_grpo.prompts_per_step=8 reasoning_grpo.gradient_accumulation_steps=8 reasoning_grpo.max_completion_length=1024 \
+rejection_sampling.max_prompts=8 rejection_sampling.max_tokens=1024 \
+reward_model.helpfulness.max_steps=1 reward_model.harmlessness.max_steps=1 merged_sft_alignment.sft.max_steps=1 \
+merged_sft_alignment.alignment.max_steps=1 merged_sft_alignment.alignment.prompts_per_step=8 \
+merged_sft_alignment.alignment.gradient_accumulation_steps=8 merged_sft_alignment.alignment.preference_rewards_from=0 \
+merged_sft_alignment.alignment.eval_general_prompts=1 artifacts_root=/tmp/art_p8 work_root=/tmp/work_p8"
+P8_DISTILL="recipe=distill model@student=qwen2.5-math-1.5b student.source=/tmp/fx/deepseek-r1-distill-qwen-1.5b \
+distill.max_steps=1 distill.gradient_accumulation_steps=16 evaluate.num_samples=8"
+fixtures_1p5b() {  # in the background of call 1: built on the GPU after the SFT benchmark
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  mkdir -p /tmp/fx
+  local family
+  for family in qwen2.5-math-1.5b deepseek-r1-distill-qwen-1.5b; do
+    python tests/fixtures/real_models/build.py --full-size --out /tmp/fx $family >> "$OUT/build.log" 2>&1 || return 1
+    touch /tmp/fx/$family.done
+  done
+}
+lease8_first() {  # call 1, after part 1: the SFT benchmark (the NaN filter's sync timed), then the fixtures
+  vsetup
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  mkdir -p /tmp/jobs
+  # the first variant of a process ran at half speed on three machines: a warm-up variant goes first
+  SFT_VARIANTS="project_b32_default project_b32_nanfilter_on project_b32_default project_b32_nosync" SFT_TIMEOUT=400 \
+    sft_mfu
+  rm -rf /tmp/bench_model_* /tmp/project_b32_*
+  setsid bash benchmarks/lent_gpu.sh job fx 0 fixtures_1p5b < /dev/null > /dev/null 2>&1 &
+  sleep 2
+}
+p8_part() {  # $1: a name for the logs, $2: --stages, then overrides
+  local name=$1 stages=$2 t=$(date +%s); shift 2
+  timeout 2400 python benchmarks/stage_times.py --run --stages $stages $P8 "$@" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/$name.log"
+  return $rc
+}
+paper_lease8() {
+  while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  ( while sleep 15; do echo "$(date +%T) $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits) MiB"; done ) \
+    > "$OUT/gpu_mem.txt" &
+  local mon=$!
+  p8_part teacher base,cold_start_sft,reasoning_grpo,rejection_sampling &&
+    rm -rf /tmp/art_p8/cold_start_sft /tmp/art_p8/reasoning_grpo &&
+    p8_part distill student_base,distill,eval_distill $P8_DISTILL &&
+    rm -rf /tmp/art_p8/distill &&
+    p8_part merged helpfulness_rm,harmlessness_rm,merged_sft_alignment,eval_final
+  local rc=$?
+  kill $mon
+  find /tmp/art_p8 -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  return $rc
+}
+lease8_chain() { job paper 0 paper_lease8; touch /tmp/jobs/chain.done; }
+lease8_start() { disk_monitor; start_chain lease8_chain; }
+
+# Eighth lease, second machine (4 GPUs): a Qwen2.5-Math-7B-shaped checkpoint (7.6B random weights) through R1-Zero
+# under hardware=multi_gpu at the paper preset's lengths: base, GRPO with one colocated vLLM engine per process (asleep
+# while the trainer steps), one step of 8 prompts x G=16 (1 sequence per GPU per forward: 32 accumulation steps x 4
+# processes), then eval_reasoning_grpo with one engine per GPU. Call 1: part 1 + `seven_b_fixture` (built on GPU 0 in
+# the background); call 2: part 2 + `lease8b_start` + `lease6_wait 480`; then `lease6_wait 540`.
+fixture_7b() { export PYTHONPATH=$PWD:$PYTHONPATH; mkdir -p /tmp/fx
+  python tests/fixtures/real_models/build.py --full-size --out /tmp/fx qwen2.5-math-7b > "$OUT/build.log" 2>&1; }
+seven_b_fixture() {
+  vsetup
+  mkdir -p /tmp/jobs
+  setsid bash benchmarks/lent_gpu.sh job fx 0 fixture_7b < /dev/null > /dev/null 2>&1 &
+  sleep 2; ls /tmp/jobs
+}
+zero_7b() {
+  while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  ( while sleep 10; do echo "$(date +%T) $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | tr '\n' ' ')"; \
+    done ) > "$OUT/gpu_mem.txt" &
+  local mon=$! t=$(date +%s)
+  timeout 2400 python benchmarks/stage_times.py --run --stages base,reasoning_grpo,eval_reasoning_grpo recipe=r1_zero \
+    hardware=multi_gpu model=qwen2.5-math-7b model.source=/tmp/fx/qwen2.5-math-7b reasoning_grpo.max_steps=1 \
+    reasoning_grpo.steps_per_rollout=1 reasoning_grpo.prompts_per_step=8 reasoning_grpo.gradient_accumulation_steps=32 \
+    evaluate.max_questions=2 artifacts_root=/tmp/art_7b work_root=/tmp/work_7b --json "$OUT/zero_7b.json" \
+    > "$OUT/zero_7b.log" 2>&1
+  local rc=$?
+  echo "== 7B R1-Zero rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/zero_7b.log"
+  kill $mon
+  find /tmp/art_7b -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  return $rc
+}
+lease8b_chain() { job zero7b 0,1,2,3 zero_7b; touch /tmp/jobs/chain.done; }
+lease8b_start() { disk_monitor; start_chain lease8b_chain; }
 
 "$@"
