@@ -573,8 +573,16 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
         # paper preset turns it on for every hardware, so a CPU try of a real-model config runs without it (logged)
         vllm_enable_sleep_mode=asleep,
     )
-    if revision and float(cfg.beta) > 0:  # the reference model loads from the same pinned hub revision
-        fields["model_init_kwargs"] = {"revision": revision}
+    if float(cfg.beta) > 0:  # TRL loads the reference model from the policy's path with these
+        reference = {"revision": revision} if revision else {}  # the same pinned hub revision
+        if processes > 1:
+            # TRL loads the reference with device_map="auto" unless the run is DDP or DeepSpeed; under FSDP "auto"
+            # spreads it over every GPU of the host in each process (a 7B on 4 GPUs, 8th lease: "Expected all
+            # tensors to be on the same device" at the first reference forward). None: loaded on the CPU, then
+            # sharded onto this process's GPU with the policy
+            reference["device_map"] = None
+        if reference:
+            fields["model_init_kwargs"] = reference
     if cfg.use_vllm and cfg.vllm_mode == "colocate":
         # TRL reads the token ids only; vLLM's detokenization of every completion, in the trainer's process, cost 40%
         # of generation at 32 prompts x 16 x 1,024 tokens on an H100 (18.3k -> 30.7k tokens/s, benchmarks/README.md

@@ -46,6 +46,15 @@ def test_prompts_per_step_is_global_over_processes(tmp_path, monkeypatch):
         _args(tmp_path, over)
 
 
+def test_the_reference_model_loads_whole_on_each_process_under_several(tmp_path, monkeypatch):
+    kl = [("beta", 0.001), ("gradient_accumulation_steps", 1)]  # beta > 0: TRL loads a reference model
+    assert "device_map" not in (_args(tmp_path, kl).model_init_kwargs or {})  # one process: TRL's "auto", the GPU
+    monkeypatch.setattr(trainers, "world_size", lambda: 4)
+    # TRL's "auto" would spread it over every GPU of the host in each FSDP process
+    assert _args(tmp_path, kl, revision="abc123").model_init_kwargs == {"revision": "abc123", "device_map": None}
+    assert _args(tmp_path, [("gradient_accumulation_steps", 1)], revision="abc123").model_init_kwargs is None  # beta 0
+
+
 def test_completions_are_capped_at_the_context_after_the_prompt(tmp_path):
     args = _args(tmp_path, [("max_completion_length", 8192)], longest_prompt=200, context=4096)
     assert args.max_completion_length == 3896
