@@ -1,5 +1,6 @@
-"""stages.shared.trainers.save_model under FSDP: two CPU processes (gloo) shard a tiny Qwen3 with FSDP2's fully_shard, as
-accelerate does under `hardware=multi_gpu`, and save it; what is on disk must be the whole model, written once."""
+"""Models under FSDP on two CPU processes (gloo), as accelerate runs them under `hardware=multi_gpu`: a checkpoint loads
+whole on every process; stages.shared.trainers.save_model of a tiny Qwen3 sharded with FSDP2's fully_shard writes the
+whole model, once."""
 
 from __future__ import annotations
 
@@ -133,3 +134,51 @@ def test_fsdp_reference_checkpoint_gathers_once_and_loads_back_into_the_shards(t
     expected = _model_and_tokenizer()[0].state_dict()
     assert set(saved) == set(expected) and all(torch.equal(saved[k], v) for k, v in expected.items())
     assert [p.name for p in checkpoint.iterdir()] == [trainers.REFERENCE_FILE]  # no temporary file left
+
+
+def _load_worker(rank: int, world: int, store: str, checkpoint: str, env: dict, out: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    os.environ.update(env)  # what accelerate launch gives each process of a multi_gpu stage
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        got = model.state_dict()
+        same = all(torch.equal(got[k].cpu(), v) for k, v in load_file(Path(checkpoint) / "model.safetensors").items())
+        Path(out, f"rank{rank}").write_text("whole" if same else "not the checkpoint")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def test_every_process_of_a_multi_gpu_stage_loads_the_whole_checkpoint(tmp_path, monkeypatch):
+    """A model a stage (or TRL) loads itself, beside the policy that accelerate prepares: GRPO's reference, the
+    alignment RL's reward models. Under accelerate's default FSDP loading only the first process got the weights
+    (on 2 GPUs, GRPO's KL to its reference was 0.78 at step 1, where it is 0)."""
+    import torch.multiprocessing as mp
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from omegaconf import OmegaConf
+
+    from pipeline import runner
+    from pipeline.plan import compose_config
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    hw = OmegaConf.to_container(compose_config(["hardware=multi_gpu"]).hardware)
+    cmd = runner.launch_command(hw, str(tmp_path / "spec.json"))
+    launched = prepare_multi_gpu_env(launch_command_parser().parse_args(cmd[3:]))
+    env = {k: v for k, v in launched.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    assert env["ACCELERATE_USE_FSDP"] == "true"
+
+    checkpoint = tmp_path / "checkpoint"
+    model, _ = _model_and_tokenizer()
+    model.save_pretrained(checkpoint)
+    mp.spawn(_load_worker, args=(2, str(tmp_path / "store"), str(checkpoint), env, str(tmp_path)), nprocs=2,
+             join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["whole", "whole"]
