@@ -83,7 +83,7 @@ def on_cpu(hardware: Mapping) -> bool:
 
 
 def model_dtype(hardware: Mapping) -> str:
-    """The dtype the weights of a model that trains (or scores rewards) are loaded in.
+    """The dtype the weights of a model that trains are loaded in (reward models that only score: bf16 on a GPU).
 
     fp32 on CPU. On a GPU `hardware.weights_dtype` (default float32): fp32 master weights and optimizer state, with the
     forward and backward in bf16 under autocast (`hardware.bf16`), i.e. standard mixed precision. `bfloat16` keeps the

@@ -78,10 +78,12 @@ def load(artifact_dir: str | Path, hw) -> tuple:
     meta = json.loads(meta_path.read_text())
     source, revision = models.model_source(artifact_dir)
     local = Path(source).is_dir()
+    # Scoring only: on a GPU the weights are bf16, the precision of the forward the RM trained with (bf16 autocast on
+    # fp32 masters); fp32 would hold twice the memory beside the policy and vLLM (two 7B RMs: 60 GB per GPU)
+    dtype = "bfloat16" if not hardware.on_cpu(hw) and hw["bf16"] else hardware.model_dtype(hw)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, revision=revision, num_labels=1, dtype=hardware.model_dtype(hw),
-            **({"local_files_only": True} if local else {}))
+            source, revision=revision, num_labels=1, dtype=dtype, **({"local_files_only": True} if local else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load reward model {source!r} as AutoModelForSequenceClassification: {e}") from None
     model.to("cpu" if hardware.on_cpu(hw) else "cuda").eval()

@@ -39,6 +39,21 @@ def test_trained_rm_is_a_sequence_classifier_with_heldout_pairwise_accuracy(help
     assert isinstance(good, float) and isinstance(bad, float)
 
 
+def test_reward_models_score_in_bf16_on_a_gpu(helpfulness_rm, monkeypatch):
+    import torch
+
+    out, _ = helpfulness_rm
+    rm, _, _ = reward_models.load(out, compose_config([]).hardware)
+    assert rm.dtype == torch.float32  # on the CPU
+    # on a GPU (this machine has none: `.to("cuda")` stands still): bf16 weights, as the RM's forward in training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    rm, _, _ = reward_models.load(out, compose_config(["hardware=gpu"]).hardware)
+    assert rm.dtype == torch.bfloat16
+    rm, _, _ = reward_models.load(out, compose_config(["hardware=multi_gpu"]).hardware)
+    assert rm.dtype == torch.bfloat16
+
+
 def test_pairs_are_cut_to_the_scope():
     cfg = compose_config([]).reward_model
     helpful = reward_model.pairs(cfg.helpfulness)
