@@ -86,10 +86,35 @@ def load(artifact_dir: str | Path, hw) -> tuple:
             source, revision=revision, num_labels=1, dtype=dtype, **({"local_files_only": True} if local else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load reward model {source!r} as AutoModelForSequenceClassification: {e}") from None
-    model.to("cpu" if hardware.on_cpu(hw) else "cuda").eval()
+    device = "cpu" if hardware.on_cpu(hw) else "cuda"
+    if _processes() > 1:
+        _shard(model, device)
+    else:
+        model.to(device)
+    model.eval()
     tokenizer = models.load_tokenizer(source, revision=revision)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     return model, tokenizer, meta
+
+
+def _processes() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _shard(model, device: str) -> None:
+    """Under several processes (hardware=multi_gpu) each process keeps 1/N of the RM's weights, one FSDP2 unit per
+    decoder layer gathered for its forward: two whole 7B RMs would take 30 GB of every GPU beside the policy and the
+    vLLM engine. Every process must then score the same number of batches, which the reward function (each process
+    scores its own completions, the same count on each) and the before/after measurement (the same prompts) do."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (_processes(),))
+    for layer in getattr(model.base_model, "layers", []):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def last_user(prompt) -> str:

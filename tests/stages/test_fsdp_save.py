@@ -4,6 +4,7 @@ whole model, once."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -182,3 +183,56 @@ def test_every_process_of_a_multi_gpu_stage_loads_the_whole_checkpoint(tmp_path,
     mp.spawn(_load_worker, args=(2, str(tmp_path / "store"), str(checkpoint), env, str(tmp_path)), nprocs=2,
              join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["whole", "whole"]
+
+
+TEXTS = {0: ["The answer is 4.", "Paris.", "I cannot help.", "t7 t8"], 1: ["No.", "Forty two.", "Yes, gladly.", "?"]}
+
+
+def _rm_worker(rank: int, world: int, store: str, artifact: str, out: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from pipeline.plan import compose_config
+        from stages.shared import reward_models
+
+        rm, tok, _ = reward_models.load(artifact, compose_config(["hardware=cpu"]).hardware)
+        rows = rm.base_model.embed_tokens.weight.to_local().shape[0]
+        scores = reward_models.score(rm, tok, ["q"] * 4, TEXTS[rank], batch_size=3)  # 2 batches on each process
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"rows": rows, "scores": scores}))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def test_reward_models_are_sharded_over_the_processes_and_score_as_one(tmp_path):
+    """The alignment RL's reward models under several processes: each process holds half the weights (two whole 7B RMs
+    would take 30 GB of every GPU) and scores its own completions exactly as the whole model does."""
+    import torch.multiprocessing as mp
+    from transformers import Qwen3ForSequenceClassification
+
+    from pipeline.plan import compose_config
+    from stages import reward_model
+    from stages.shared import reward_models
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    causal, tokenizer = _model_and_tokenizer()
+    torch.manual_seed(1)
+    rm = Qwen3ForSequenceClassification(causal.config.__class__(**{**causal.config.to_dict(), "num_labels": 1}))
+    rm.save_pretrained(tmp_path / "rm_weights")
+    tokenizer.save_pretrained(tmp_path / "rm_weights")
+    artifact = tmp_path / "rm"
+    artifact.mkdir()
+    cfg = compose_config([f"reward_model.helpfulness.source={tmp_path / 'rm_weights'}"]).reward_model.helpfulness
+    reward_model.run(cfg, {"model": tmp_path / "unused"}, artifact, tmp_path / "work")  # records the named RM
+
+    mp.spawn(_rm_worker, args=(2, str(tmp_path / "store"), str(artifact), str(tmp_path)), nprocs=2, join=True)
+    whole, tok, _ = reward_models.load(artifact, compose_config(["hardware=cpu"]).hardware)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["rows"] == 64 // 2  # sharded: half the embedding rows here
+        assert got["scores"] == pytest.approx(reward_models.score(whole, tok, ["q"] * 4, TEXTS[rank]), abs=1e-5)
