@@ -26,6 +26,10 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     model, tokenizer = trainers.load_policy(inputs["model"], cfg.hardware)
     dataset, kinds = data.sft_dataset(inputs["dataset"], cfg.max_samples)
     log.info(f"distill: {len(dataset)} samples {kinds} -> student {inputs['model']}")
+    if not kinds.get("reasoning"):
+        # what the student is distilled for; rejection sampling keeps the general rows when no sample passes
+        log.warning(f"distill: the dataset {inputs['dataset']} holds no reasoning samples ({kinds}): the student "
+                    f"learns no reasoning from it; see the rejection_sampling artifact's filter_counts.json")
     metrics: dict = {"samples": len(dataset), **{f"samples_{k}": v for k, v in kinds.items()}}
     evaluate = int(cfg.eval_samples) > 0
     if evaluate:

@@ -49,6 +49,22 @@ def test_smoke_run_trains_the_student_on_the_dataset(student, stage3_dataset, tm
     assert metrics["last_loss"] < metrics["first_loss"]
 
 
+def test_a_dataset_without_reasoning_samples_is_warned_about(student, tmp_path, caplog):
+    # rejection sampling of a weak teacher keeps its general rows only (the eighth lease's 1.5B run)
+    dataset = tmp_path / "stage3"
+    dataset.mkdir()
+    row = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
+           "kind": "general"}
+    (dataset / "train.jsonl").write_text((json.dumps(row) + "\n") * 8)
+    cfg = compose_config(["recipe=distill", "size=smoke", "distill.max_steps=1", "distill.eval_samples=0"]).distill
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level("WARNING", logger="stages.distill"):
+        metrics = distill.run(cfg, {"model": student, "dataset": dataset}, out, tmp_path / "work")
+    assert metrics["samples_general"] == 8 and "samples_reasoning" not in metrics
+    assert "holds no reasoning samples" in caplog.text
+
+
 def test_not_a_dataset_artifact_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="train.jsonl"):
         data.sft_dataset(tmp_path)
