@@ -22,8 +22,8 @@
 
 from __future__ import annotations
 
-import logging
 import inspect
+import logging
 from typing import Mapping
 
 import torch

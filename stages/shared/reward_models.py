@@ -98,6 +98,8 @@ def load(artifact_dir: str | Path, hw) -> tuple:
 
 
 def _processes() -> int:
+    """Processes of torch.distributed's default group, which fully_shard's mesh spans (what hardware.world_size() reads
+    through accelerate under `accelerate launch`; this asks the group itself, so it holds in any launcher)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
