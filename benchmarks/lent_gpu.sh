@@ -451,7 +451,7 @@ lease6_wait() {  # $1: at most this many seconds, until the chain is done; then 
   for f in /tmp/jobs/*.rc; do echo "== $f $(cat $f)"; done
   grep -h -A8 "^variant" /tmp/jobs/sft/sft.log 2>/dev/null
   grep -h "^== \|Traceback\|Error\|capped\|context" /tmp/jobs/*/paper_1p5b.log 2>/dev/null | cut -c1-300 | tail -n 30
-  grep -h "^== \|Traceback\|Error\|OutOfMemory" /tmp/jobs/*/{teacher,distill,merged,zero_7b}.log 2>/dev/null | cut -c1-300 \
+  grep -h "^== \|Traceback\|Error\|OutOfMemory" /tmp/jobs/*/{teacher,distill,merged,zero_7b,grpo_7b,eval_7b,recipe_2gpu}.log 2>/dev/null | cut -c1-300 \
     | tail -n 30
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
 }
@@ -555,5 +555,72 @@ zero_7b() {
 }
 lease8b_chain() { job zero7b 0,1,2,3 zero_7b; touch /tmp/jobs/chain.done; }
 lease8b_start() { disk_monitor; start_chain lease8b_chain; }
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ninth lease (issues 15 and 16), 4 GPUs of one host: the two multi-GPU fixes of the eighth (600542c: the GRPO
+# reference loads whole per process; 7568d3d: every process loads every checkpoint whole) run on GPUs.
+# 1. GPUs 0-3: R1-Zero's GRPO step at 7B (the Qwen2.5-Math-7B-shaped fixture) at the paper preset's lengths, the
+#    reference on (beta 0.001): the step the eighth lease's run failed in. vLLM gets the 40 GB it gets on an 80 GB
+#    H100 (0.5) whatever the card, so the memory trace reads as an H100's.
+# 2. Then side by side: GPUs 0-1 the r1 recipe on 2 GPUs with vLLM (R1_VLLM, beta 0.001 in both RL stages) to
+#    eval_final (merged SFT + alignment RL on 2 GPUs never ran: the second lease's failed, the sixth's machine went
+#    back); GPUs 2-3 the 7B evaluation (one engine per GPU) of the GRPO checkpoint, of the base if GRPO failed.
+# Call 1 (carry .gpu/c1 .gpu/bin .whl): `bash .gpu/bin/device.sh part1 && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh
+# lease9_first`; call 2 (carry .gpu/c2 .gpu/bin .whl): `bash .gpu/bin/device.sh part2 check && GPU_CARRY=.gpu bash
+# benchmarks/lent_gpu.sh lease9_start && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease6_wait 470`; then
+# `lease6_wait 540` (carry .gpu/bin).
+gpu_monitor() {  # every GPU's memory every 10 s, into /tmp/jobs/gpu_mem.txt (in the background)
+  ( while sleep 10; do echo "$(date +%T) $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | tr '\n' ' ')"
+    done ) > /tmp/jobs/gpu_mem.txt 2>&1 &
+}
+lease9_first() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/jobs
+  disk_monitor; gpu_monitor
+  setsid bash benchmarks/lent_gpu.sh job fx 0 fixture_7b < /dev/null > /dev/null 2>&1 &
+  sleep 2; ls /tmp/jobs; free -g | head -n 2
+}
+vllm_40gb() {  # the gpu_memory_utilization that gives vLLM 40 GB, as 0.5 does on an 80 GB H100
+  python3 -c "print(round(40960 / $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1), 3))"
+}
+SEVEN_B9="recipe=r1_zero hardware=multi_gpu model=qwen2.5-math-7b model.source=/tmp/fx/qwen2.5-math-7b \
+reasoning_grpo.max_steps=1 reasoning_grpo.steps_per_rollout=1 reasoning_grpo.prompts_per_step=8 \
+reasoning_grpo.gradient_accumulation_steps=32 evaluate.max_questions=2 artifacts_root=/tmp/art_7b work_root=/tmp/work_7b"
+grpo_7b() {
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  local t=$(date +%s)
+  timeout 700 python benchmarks/stage_times.py --run --stages base,reasoning_grpo $SEVEN_B9 \
+    hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/grpo_7b.json" > "$OUT/grpo_7b.log" 2>&1
+  local rc=$?
+  echo "== 7B GRPO rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/grpo_7b.log"
+  find /tmp/art_7b -name log_history.jsonl -exec cp {} "$OUT/grpo_7b_log_history.jsonl" \;
+  free -g | head -n 2 >> "$OUT/grpo_7b.log"
+  return $rc
+}
+eval_7b() {
+  local stage=eval_reasoning_grpo t=$(date +%s)
+  [ "$(cat /tmp/jobs/zero7b.rc)" = 0 ] || stage=eval_base
+  timeout 900 python benchmarks/stage_times.py --run --stages $stage $SEVEN_B9 \
+    hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/eval_7b.json" > "$OUT/eval_7b.log" 2>&1
+  local rc=$?
+  echo "== 7B $stage rc=$rc in $(( $(date +%s) - t )) s" | tee -a "$OUT/eval_7b.log"
+  return $rc
+}
+two_gpus_alignment() {
+  R1_VLLM="${R1_VLLM/reasoning_grpo.max_steps=6/reasoning_grpo.max_steps=3} reasoning_grpo.beta=0.001 \
+merged_sft_alignment.alignment.beta=0.001" RECIPE_TIMEOUT=900 recipe_vllm multi_gpu 2gpu \
+    base,cold_start_sft,reasoning_grpo,rejection_sampling,helpfulness_rm,harmlessness_rm,merged_sft_alignment,eval_final
+  find /tmp/art_2gpu -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+}
+lease9_chain() {
+  while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
+  job zero7b 0,1,2,3 grpo_7b
+  job two 0,1 two_gpus_alignment &
+  MAIN_PROCESS_PORT=29611 job eval7b 2,3 eval_7b &
+  wait
+  touch /tmp/jobs/chain.done
+}
+lease9_start() { start_chain lease9_chain; }
 
 "$@"
