@@ -577,7 +577,6 @@ lease9_first() {
   vsetup
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p /tmp/jobs
-  disk_monitor; gpu_monitor
   setsid bash benchmarks/lent_gpu.sh job fx 0 fixture_7b < /dev/null > /dev/null 2>&1 &
   sleep 2; ls /tmp/jobs; free -g | head -n 2
 }
@@ -590,7 +589,8 @@ reasoning_grpo.gradient_accumulation_steps=32 evaluate.max_questions=2 artifacts
 grpo_7b() {
   [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
   local t=$(date +%s)
-  timeout 700 python benchmarks/stage_times.py --run --stages base,reasoning_grpo $SEVEN_B9 \
+  # 700 s cut the ninth lease's run while the runner published (after a 113.5 GiB checkpoint and the model's save)
+  timeout 1000 python benchmarks/stage_times.py --run --stages base,reasoning_grpo $SEVEN_B9 \
     hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/grpo_7b.json" > "$OUT/grpo_7b.log" 2>&1
   local rc=$?
   echo "== 7B GRPO rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/grpo_7b.log"
@@ -614,6 +614,9 @@ merged_sft_alignment.alignment.beta=0.001" RECIPE_TIMEOUT=900 recipe_vllm multi_
   find /tmp/art_2gpu -name log_history.jsonl -exec sh -c 'cp "$1" "$OUT/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
 }
 lease9_chain() {
+  # the monitors start here, in the chain's own session: started by a call's shell they end with the call (the ninth
+  # lease lost its memory trace so)
+  disk_monitor; gpu_monitor
   while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
   job zero7b 0,1,2,3 grpo_7b
   job two 0,1 two_gpus_alignment &
