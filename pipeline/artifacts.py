@@ -422,6 +422,12 @@ def remove(root, name: str, version: str) -> None:
         shutil.rmtree(cache_root() / name / version, ignore_errors=True)
 
 
+def dependents(root, name: str, version: str) -> list[str]:
+    """'name@version' of every complete artifact in the store that lists name@version among its direct inputs."""
+    return [f"{other}@{m['version']}" for other, manifests in list_artifacts(root).items() for m in manifests
+            if any(ref["name"] == name and ref["version"] == version for ref in m["inputs"].values())]
+
+
 def clean_staging(root, name: str, version: str) -> list[str]:
     """Remove the staging dirs that killed runs of name@version left behind; returns what was removed.
 

@@ -7,6 +7,7 @@
                                               that does not alter results (recorded in the manifest)
     r1flow artifacts ls [NAME] | show NAME[@VERSION] | lineage NAME[@VERSION]
     r1flow artifacts verify [NAME[@VERSION]]  re-hash files against their manifests; exit 1 naming damaged files
+    r1flow artifacts rm NAME@VERSION          remove one version (what was made from it stays, and is named)
     r1flow report [NAME[@VERSION]]            the evaluation table and where the plots are
     r1flow config [overrides]                 the composed config
     r1flow serve [overrides]                  a Prefect deployment to start runs from the UI (needs `make ui`)
@@ -51,7 +52,7 @@ def _parse(argv):
     p = sub.add_parser("accept")
     p.add_argument("names", nargs="+", help="stages whose latest artifact stands for their planned version")
     p = sub.add_parser("artifacts")
-    p.add_argument("action", choices=["ls", "show", "lineage", "verify"])
+    p.add_argument("action", choices=["ls", "show", "lineage", "verify", "rm"])
     p.add_argument("ref", nargs="?", help="NAME or NAME@VERSION")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("report")
@@ -154,6 +155,8 @@ def cmd_artifacts(action, ref, overrides) -> int:
         return 0
     if action == "verify":
         return cmd_verify(root, ref)
+    if action == "rm":
+        return cmd_rm(root, ref)
     if not ref:
         raise SystemExit(f"usage: r1flow artifacts {action} NAME[@VERSION]")
     name, version = _resolve(root, ref)
@@ -161,6 +164,28 @@ def cmd_artifacts(action, ref, overrides) -> int:
         print(json.dumps(artifacts.read_manifest(root, name, version), indent=2))
     else:
         print(artifacts.format_lineage(artifacts.lineage(root, name, version)))
+    return 0
+
+
+def cmd_rm(root: str, ref: str | None) -> int:
+    """Remove one artifact version to free its space. The version must be named: a bare NAME would take whatever is
+    latest. Artifacts made from it stay (a run reuses them); their lineage shows it as MISSING, and a run recomputes
+    it only for a stage that needs it and is not in the store."""
+    from pipeline import artifacts
+    from stages.shared.errors import UserError
+
+    if not ref or "@" not in ref:
+        raise UserError(f"artifacts rm needs NAME@VERSION, got {ref!r}: `r1flow artifacts ls` lists the versions")
+    name, version = artifacts.parse_ref(ref)
+    manifest = artifacts.read_manifest(root, name, version)  # UserError naming the store if it is not there
+    size = sum(int(f["size"]) for f in manifest["files"])
+    made_from_it = artifacts.dependents(root, name, version)
+    # the version's lease: no run of this store is computing name@version while its files go
+    with artifacts.lease(root, name, version):
+        artifacts.remove(root, name, version)
+    print(f"removed {name}@{version} ({size / 2**30:.2f} GiB) from {root}")
+    if made_from_it:
+        print(f"made from it and kept: {', '.join(made_from_it)} (their lineage shows {name}@{version} as MISSING)")
     return 0
 
 

@@ -66,3 +66,34 @@ def test_stray_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["stage", "base", "--force", "--frobnicate"])
     assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_artifacts_rm_removes_one_version_and_names_what_was_made_from_it(capsys, tmp_path, monkeypatch):
+    from pipeline import artifacts
+    from tests.pipeline.test_artifacts import make
+
+    monkeypatch.setenv("R1FLOW_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    old = make(root, "cold_start_sft", {"model.bin": b"x" * 4096}, config={"lr": 1})
+    kept = make(root, "cold_start_sft", {"model.bin": b"y"}, config={"lr": 2})
+    grpo = make(root, "reasoning_grpo", {"model.bin": b"z"}, inputs={"model": f"cold_start_sft@{old}"})
+
+    code, out, _ = run_cli(capsys, "artifacts", "rm", f"cold_start_sft@{old}", f"artifacts_root={root}")
+    assert code == 0 and f"removed cold_start_sft@{old}" in out and f"reasoning_grpo@{grpo}" in out
+    assert not artifacts.exists(root, "cold_start_sft", old) and not (root / "cold_start_sft" / old).exists()
+    assert artifacts.exists(root, "cold_start_sft", kept) and artifacts.exists(root, "reasoning_grpo", grpo)
+    assert not list((root / "cold_start_sft").glob(".lease-*"))  # the lease it took is released
+    assert "(MISSING)" in artifacts.format_lineage(artifacts.lineage(root, "reasoning_grpo", grpo))
+
+
+def test_artifacts_rm_needs_an_existing_version(capsys, tmp_path, monkeypatch):
+    from tests.pipeline.test_artifacts import make
+
+    monkeypatch.setenv("R1FLOW_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    version = make(root, "base", {"model.bin": b"x"})
+    code, _, err = run_cli(capsys, "artifacts", "rm", "base", f"artifacts_root={root}")
+    assert code == 2 and "NAME@VERSION" in err and "artifacts ls" in err  # a bare name would take the latest
+    code, _, err = run_cli(capsys, "artifacts", "rm", "base@0123456789ab", f"artifacts_root={root}")
+    assert code == 2 and "base@0123456789ab" in err and version in err  # names the versions there are
+    assert (root / "base" / version / "manifest.json").exists()
