@@ -169,8 +169,9 @@ def cmd_artifacts(action, ref, overrides) -> int:
 
 def cmd_rm(root: str, ref: str | None) -> int:
     """Remove one artifact version to free its space. The version must be named: a bare NAME would take whatever is
-    latest. Artifacts made from it stay (a run reuses them); their lineage shows it as MISSING, and a run recomputes
-    it only for a stage that needs it and is not in the store."""
+    latest. Artifacts made from it stay and are still reused (their versions come from the config, not the store);
+    their lineage shows it as MISSING. A later `r1flow run` of the same recipe computes it again, as it does every
+    missing stage."""
     from pipeline import artifacts
     from stages.shared.errors import UserError
 
@@ -180,7 +181,7 @@ def cmd_rm(root: str, ref: str | None) -> int:
     manifest = artifacts.read_manifest(root, name, version)  # UserError naming the store if it is not there
     size = sum(int(f["size"]) for f in manifest["files"])
     made_from_it = artifacts.dependents(root, name, version)
-    # the version's lease: no run of this store is computing name@version while its files go
+    # the lease a run computing name@version holds: a `stage --force` of it does not write while its files go
     with artifacts.lease(root, name, version):
         artifacts.remove(root, name, version)
     print(f"removed {name}@{version} ({size / 2**30:.2f} GiB) from {root}")
