@@ -184,7 +184,8 @@ def cmd_rm(root: str, ref: str | None) -> int:
     # the lease a run computing name@version holds: a `stage --force` of it does not write while its files go
     with artifacts.lease(root, name, version):
         artifacts.remove(root, name, version)
-    print(f"removed {name}@{version} ({size / 2**30:.2f} GiB) from {root}")
+    freed = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"
+    print(f"removed {name}@{version} ({freed}) from {root}")
     if made_from_it:
         print(f"made from it and kept: {', '.join(made_from_it)} (their lineage shows {name}@{version} as MISSING)")
     return 0
