@@ -10,7 +10,8 @@ The shape is ../shared/bench/gpu_sft_anchor.py's: a random-init Qwen3 of 0.37B p
     python benchmarks/bench_sft_gpu.py explore pf_b32 raw_compile_b32   # some of them
     python benchmarks/bench_sft_gpu.py project trl_defaults project_b32 project_b32_backbone  # named variants
     python benchmarks/bench_sft_gpu.py grpo        # reasoning_grpo's run() on random_300m: generation/training split
-    python benchmarks/bench_sft_gpu.py kernels     # varlen attention kernels: cuDNN against flash (check_varlen_kernels)
+    python benchmarks/bench_sft_gpu.py kernels     # varlen attention kernels against flash: FA CuTe-DSL, cuDNN
+    python benchmarks/bench_sft_gpu.py kernels fa_cute   # one of them
 
 `project` runs exactly what cold_start_sft runs (stages.shared.trainers.load_policy + stages.shared.trainers.sft on the stage's
 composed config with hardware=gpu); only the data (random tokens) and the step budget are the benchmark's. Results go
@@ -398,16 +399,87 @@ def cudnn_varlen(q, k, v, cu, max_len, scale):
                                                    scale=scale)[0]
 
 
-def check_varlen_kernels(iters=20) -> dict:
+_FA_CUTE = []
+
+
+def fa_cute_varlen():
+    """FlashAttention's CuTe-DSL kernels for packed (T, H, D) rows, forward and backward (FA3-class on Hopper: the sm90
+    kernels of flash_attn/cute, as vLLM 0.25 ships them in vllm.vllm_flash_attn.cute; they need nvidia-cutlass-dsl
+    4.5.2 [cu13] and quack-kernels 0.5.0, carried by lent_gpu.sh's lease10 calls), as a torch custom op, so the
+    per-layer torch.compile traces through it instead of breaking its graph. Same arguments as attention.py's varlen
+    flash function; None where the kernels cannot be imported."""
+    if _FA_CUTE:
+        return _FA_CUTE[0]
+    try:
+        from vllm.vllm_flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+    except Exception as e:  # not carried, or the DSL does not load
+        print(f"fa_cute unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+    @torch.library.custom_op("r1bench::fa_cute_fwd", mutates_args=(), device_types="cuda")
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                   max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
+        return out, lse
+
+    @fwd.register_fake
+    def _(q, k, v, cu, max_len, scale):
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+    @torch.library.custom_op("r1bench::fa_cute_bwd", mutates_args=(), device_types="cuda")
+    def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+            lse: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, 0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                     max_seqlen_q=max_len, max_seqlen_k=max_len)
+        return dq, dk, dv
+
+    @bwd.register_fake
+    def _(q, k, v, out, dout, lse, cu, max_len, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu, max_len, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+        ctx.max_len, ctx.scale = max_len, scale
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        return (*bwd(q, k, v, out, dout.contiguous(), lse, cu, ctx.max_len, ctx.scale), None, None, None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def attend(q, k, v, cu, max_len, scale):
+        return fwd(q, k, v, cu, max_len, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
+
+    _FA_CUTE.append(attend)
+    return attend
+
+
+def use_fa_cute():
+    """Route stages/shared/attention.py's padding-free path through fa_cute_varlen (the `*_fa_cute` variants); returns
+    the function that undoes it. Raises where the kernels are missing, so the variant reports an error, not a number."""
+    from stages.shared import attention
+
+    attend = fa_cute_varlen()
+    if attend is None:
+        raise RuntimeError("fa_cute: vllm.vllm_flash_attn.cute (+ nvidia-cutlass-dsl, quack) not importable")
+    saved = attention._varlen_fn
+    attention._varlen_fn = lambda: attend
+
+    def undo():
+        attention._varlen_fn = saved
+
+    return undo
+
+
+def check_varlen_kernels(which=("fa_cute", "cudnn"), iters=20) -> dict:
     """A candidate for the SFT attention: cuDNN's varlen attention (cudnn_varlen) against the varlen flash kernel of
     stages/shared/attention.py on one packed row of this benchmark's shape (32 samples of 128..2048 tokens, 16 query /
     8 KV heads of 64, bf16): relative error of the output and of dq/dk/dv, and the forward+backward time of each
     (CUDA-synchronised median of `iters`). On the 7th lease's H200 (torch 2.11): output within 1.5e-3, gradients
     wrong (dq inf), 32x slower, and the SFT run through it crashed (illegal memory access): not adopted."""
-    from torch.nn.attention.varlen import varlen_attn
+    from stages.shared import attention
 
-    def flash(q, k, v, cu, max_len, scale):  # what attention.VARLEN runs (torch 2.11's signature)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
+    flash = attention._varlen_fn()  # what attention.VARLEN runs, for the installed torch's signature
 
     g = torch.Generator().manual_seed(2)
     lens = torch.randint(128, 2049, (32,), generator=g)
@@ -417,11 +489,26 @@ def check_varlen_kernels(iters=20) -> dict:
     k = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn(total, 16, 64, device="cuda", dtype=torch.bfloat16)
-    kernels = {"flash": flash, "cudnn": cudnn_varlen}
+    kernels = {"flash": flash}
+    if "fa_cute" in which and fa_cute_varlen() is not None:
+        kernels["fa_cute"] = fa_cute_varlen()
+    if "cudnn" in which:  # last: its illegal memory access (7th lease) would take the process's CUDA context
+        kernels["cudnn"] = cudnn_varlen
     outs, res = {}, {"tokens": total}
-    for name, fn in kernels.items():
-        out = fn(q, k, v, cu, max_len, 0.125)
-        out.backward(dout)
+    for name, fn in list(kernels.items()):
+        for t in (q, k, v):  # the previous kernel's timed backwards accumulated into .grad
+            t.grad = None
+        t0 = time.perf_counter()
+        try:  # the first call compiles a JIT kernel (fa_cute): timed apart
+            out = fn(q, k, v, cu, max_len, 0.125)
+            out.backward(dout)
+            torch.cuda.synchronize()
+        except Exception as e:
+            traceback.print_exc()
+            res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            del kernels[name]
+            continue
+        res[f"{name}_first_call_s"] = round(time.perf_counter() - t0, 1)
         outs[name] = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]
         for t in (q, k, v):
             t.grad = None
@@ -434,7 +521,9 @@ def check_varlen_kernels(iters=20) -> dict:
             times.append(time.perf_counter() - t0)
         res[f"{name}_fwd_bwd_ms"] = round(1e3 * sorted(times)[len(times) // 2], 2)
     rel = lambda a, r: float((a - r).norm() / r.norm())
-    res.update({f"rel_err_{n}": rel(c, f) for n, c, f in zip(("out", "dq", "dk", "dv"), outs["cudnn"], outs["flash"])})
+    for cand in (n for n in kernels if n != "flash"):
+        res.update({f"{cand}_rel_err_{n}": rel(c, f)
+                    for n, c, f in zip(("out", "dq", "dk", "dv"), outs[cand], outs["flash"])})
     print("varlen kernels:", json.dumps(res), flush=True)
     return res
 
@@ -493,10 +582,11 @@ def nosync_patch():
     return undo
 
 
-def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False):
+def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False,
+                fa_cute=False):
     """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them
     (hardware=gpu, plus `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
-    per-step metric syncs removed, see nosync_compute_loss)."""
+    per-step metric syncs removed, see nosync_compute_loss; `fa_cute`: attention through fa_cute_varlen)."""
     from trl import SFTTrainer
 
     from stages.shared import hardware as hardware_mod
@@ -519,14 +609,15 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
         meter.wrap(self)
 
     SFTTrainer.__init__ = patched_init
-    undo = nosync_patch() if nosync else (lambda: None)
+    undos = [use_fa_cute() if fa_cute else (lambda: None), nosync_patch() if nosync else (lambda: None)]
     try:
         model, trainer = trainers.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
                                       max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
                                       save_strategy="no", **(fields or {}))
     finally:
         SFTTrainer.__init__ = orig_init
-        undo()
+        for undo in undos:
+            undo()
     a = trainer.args
     r = _result(name, meter, n_params, peak, {"attn": model.config._attn_implementation,
                                                 "gc": bool(a.gradient_checkpointing), "optim": str(a.optim),
@@ -634,6 +725,10 @@ PROJECT_JOBS = {
     "project_b32_nanfilter_on": dict(batch=32, fields={"logging_nan_inf_filter": True}),
     # ... and TRL's per-step metric syncs (entropy, token accuracy, token count) removed too
     "project_b32_nosync": dict(batch=32, fields={"logging_nan_inf_filter": False}, nosync=True),
+    # the padding-free attention through FlashAttention's CuTe-DSL (FA3-class) kernels instead of PyTorch's varlen flash
+    # kernel (FA2-class, ~25% of the step's GPU time); alone and with the syncs removed
+    "project_b32_fa_cute": dict(batch=32, fa_cute=True),
+    "project_b32_fa_cute_nosync": dict(batch=32, fields={"logging_nan_inf_filter": False}, nosync=True, fa_cute=True),
     # the whole decoder stack as one graph, with the 2 loader workers (and without host syncs)
     "project_b32_backbone_workers2": dict(batch=32, hardware=["hardware.compile=backbone"]),
     "project_b32_backbone_nosync": dict(batch=32, hardware=["hardware.compile=backbone"],
@@ -655,7 +750,7 @@ GRPO_JOBS = {
 
 def main(argv):
     if argv[:1] == ["kernels"]:
-        check_varlen_kernels()
+        check_varlen_kernels(*([argv[1:]] if argv[1:] else []))
         return
     mode = argv[0] if argv and argv[0] in ("project", "explore", "grpo") else "project"
     names = [a for a in argv if a not in ("project", "explore", "grpo")]

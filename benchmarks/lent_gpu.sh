@@ -626,4 +626,37 @@ lease9_chain() {
 }
 lease9_start() { start_chain lease9_chain; }
 
+
+# The tenth lease: FlashAttention's CuTe-DSL kernels (FA3-class on Hopper, forward and backward) for the SFT benchmark's
+# padding-free attention (bench_sft_gpu.py fa_cute_varlen). vLLM 0.25 ships them as vllm/vllm_flash_attn/cute and
+# depends on nvidia-cutlass-dsl[cu13]==4.5.2, apache-tvm-ffi==0.1.9 and quack-kernels (0.5.0 is the release for
+# cutlass-dsl 4.5.2). The wheels, unpacked, with vLLM's cute/ directory (its Python only), are one xz archive of 55 MB:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     nvidia-cutlass-dsl==4.5.2 nvidia-cutlass-dsl-libs-cu13==4.5.2 apache-tvm-ffi==0.1.9 quack-kernels==0.5.0 einops
+#   (unzip each into site/, copy vllm/vllm_flash_attn/cute from the vLLM 0.25.0 wheel into site/ without vLLM's
+#   __init__ files, drop nvidia_cutlass_dsl/lib/stubs)   tar -C site -cf - . | xz -9 > .dsl/fa_cute.tar.xz
+# The wheel's nvidia_cutlass_dsl.pth is not read from PYTHONPATH, so its directory is put there by hand.
+dsl_site() {
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+    TOKENIZERS_PARALLELISM=false
+}
+lease10_kernels() {  # call 1 (carry .dsl): unpack; the varlen kernels' check (fa_cute against PyTorch's flash)
+  nvidia-smi -L
+  mkdir -p /tmp/site && tar -xJf .dsl/fa_cute.tar.xz -C /tmp/site || return 1
+  dsl_site
+  timeout "${KERNELS_TIMEOUT:-400}" python benchmarks/bench_sft_gpu.py kernels fa_cute > "$OUT/kernels.log" 2>&1
+  echo "kernels rc=$?"; grep -v "^  " "$OUT/kernels.log" | tail -n 25
+}
+lease10_sft() {  # call 2 (carry .gpu/c1/whl): trl, datasets, hydra; the SFT benchmark with and without fa_cute
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/c1/whl/*.whl || return 1
+  dsl_site
+  timeout 100 python benchmarks/bench_sft_gpu.py kernels fa_cute > "$OUT/kernels2.log" 2>&1; tail -n 1 "$OUT/kernels2.log"
+  # the first variant of a process ran at half speed on four machines (leases 6-8): a warm-up run first
+  timeout "${SFT_TIMEOUT:-560}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
+    project_b32_default project_b32_fa_cute project_b32_nosync project_b32_fa_cute_nosync} > "$OUT/sft.log" 2>&1
+  echo "sft rc=$?"; grep -h "fa_cute\|Error" "$OUT/sft.log" | cut -c1-300 | head -n 8
+  grep -h -A8 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
+}
+
 "$@"
