@@ -10,7 +10,7 @@ What later stages reuse:
   a tqdm bar on a terminal and progress lines otherwise; `fields` win.
 - `load_policy(model_dir, hardware)` -> (model, tokenizer) from an input checkpoint artifact.
 - `train(trainer, checkpoint_dir)`: `trainer.train()` resuming from the last complete checkpoint; returns the step it
-  resumed from (0 for a fresh start).
+  resumed from (0 for a fresh start). The last step's checkpoint holds the weights only (FinalCheckpointCallback).
 - `ProgressCallback`: logs `step i/N key=val ...` on every log and reports progress and metrics as events for the
   orchestrator (stages/shared/progress.py); `HeldoutEvalCallback`: held-out accuracy every N
   steps into the log history (the RL curves' accuracy).
@@ -160,6 +160,7 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
     if reference is not None:
         trainer.add_callback(ReferenceCheckpointCallback(reference))  # after TRL's SyncRefModelCallback: saves the
         # reference as that step's sync left it
+    trainer.add_callback(FinalCheckpointCallback())
     checkpoint = last_checkpoint(checkpoint_dir)
     start = 0
     if checkpoint:
@@ -170,7 +171,10 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
             # Training had finished (the crash came later, e.g. while saving the artifact): Trainer would run one
             # more step on a resume at max_steps, so load the final weights and state instead.
             log.info("training had finished at %s; loading it", checkpoint)
-            trainer._load_from_checkpoint(checkpoint)
+            if fsdp_sharded(trainer.model):
+                load_final_weights(trainer.model, Path(checkpoint))
+            else:
+                trainer._load_from_checkpoint(checkpoint)
             trainer.state = TrainerState.load_from_json(str(state_file))
             trainer.resumed_from = start
             return start
@@ -187,6 +191,28 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
         check_checkpoint_space(trainer, checkpoint_dir)
     trainer.train(resume_from_checkpoint=checkpoint)
     return start
+
+
+def load_final_weights(model, checkpoint: Path) -> None:
+    """The weights of a finished run's last checkpoint (FinalCheckpointCallback: weights only) into a model sharded by
+    FSDP. transformers' loader reads FSDP's own copy of the weights (pytorch_model_fsdp.bin), which it writes only
+    together with the optimizer state, so it cannot load such a checkpoint. Every process reads the saved full state
+    dict and keeps its shard. A tied LM head is saved once, under the embedding's name, and is the embedding here."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no model*.safetensors to load the finished run's weights from")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    tied = set(getattr(model, "all_tied_weights_keys", getattr(model, "_tied_weights_keys", None)) or ())
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{checkpoint}: the saved weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {list(result.unexpected_keys)[:5]}")
 
 
 def checkpoint_bytes(trainer) -> int:
@@ -244,8 +270,27 @@ class ReferenceCheckpointCallback(TrainerCallback):
         self.ref_model = ref_model
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:
+        if control.should_save and state.global_step < state.max_steps:  # the last one: FinalCheckpointCallback
             save_reference(self.ref_model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class FinalCheckpointCallback(TrainerCallback):
+    """The checkpoint that transformers writes after the last step holds the weights and the trainer state only.
+
+    What it would add (AdamW's two states per weight, the scheduler, RNG, GRPO's reference) only serves to continue
+    training, and after the last step nothing continues: a rerun after a crash between training and publishing loads
+    the final weights from it (train()), and once the stage is published the runner deletes it. At 7B under FSDP the
+    full checkpoint was 85 GiB (cold start) and 113.5 GiB (GRPO with its reference), written by one process in 2.5 to
+    4.5 minutes per stage (benchmarks/README.md, leases 7 and 9); the weights are 28 GiB of that (fp32)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save_only_model = args.save_only_model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        args.save_only_model = self.save_only_model or (control.should_save and state.global_step >= state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        args.save_only_model = self.save_only_model
 
 
 def save_reference(ref_model, checkpoint: Path) -> None:

@@ -15,16 +15,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _model_and_tokenizer():
+def _model_and_tokenizer(tied: bool = False, seed: int = 0):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     vocab = {f"t{i}": i for i in range(64)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
                                         eos_token="t1", pad_token="t2")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied,
                          eos_token_id=1, pad_token_id=2, bos_token_id=1)
     return Qwen3ForCausalLM(config), tokenizer
 
@@ -236,3 +236,47 @@ def test_reward_models_are_sharded_over_the_processes_and_score_as_one(tmp_path)
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["rows"] == 64 // 2  # sharded: half the embedding rows here
         assert got["scores"] == pytest.approx(reward_models.score(whole, tok, ["q"] * 4, TEXTS[rank]), abs=1e-5)
+
+
+def _final_weights_worker(rank: int, world: int, store: str, checkpoint: str, tied: bool) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from stages.shared import trainers
+
+        model, _ = _model_and_tokenizer(tied=tied, seed=1)  # what a rerun builds before loading: other weights
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        trainers.load_final_weights(model, Path(checkpoint))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            expected = _model_and_tokenizer(tied=tied, seed=0)[0].state_dict()
+            assert set(state) == set(expected)
+            for name, tensor in expected.items():
+                assert torch.equal(state[name], tensor), name
+    finally:
+        dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_finished_runs_weights_only_checkpoint_loads_into_the_shards(tmp_path, tied):
+    """A rerun after a crash between the last step and publishing, under FSDP: the last checkpoint holds the weights
+    only (model.safetensors as the trainer saves them, the tied LM head once), and load_final_weights puts them into
+    each process's shards of a model built with other weights."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    checkpoint = tmp_path / "checkpoint-4"
+    _model_and_tokenizer(tied=tied, seed=0)[0].save_pretrained(checkpoint)
+    mp.spawn(_final_weights_worker, args=(2, str(tmp_path / "store"), str(checkpoint), tied), nprocs=2, join=True)

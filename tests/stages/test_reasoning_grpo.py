@@ -95,6 +95,10 @@ def test_smoke_run_with_paper_objective_then_crash_and_resume(smoke_base, tmp_pa
     capture = Capture()
     metrics = reasoning_grpo.run(cfg, {"model": smoke_base}, out, work, callbacks=[capture])
     assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    # the last step's checkpoint: the weights only (nothing trains on; no AdamW state, no reference)
+    final = work / "checkpoints" / "checkpoint-4"
+    assert (final / "model.safetensors").exists() and (final / "trainer_state.json").exists()
+    assert not (final / "optimizer.pt").exists() and not (final / trainers.REFERENCE_FILE).exists()
     a = capture.args
     assert (a.beta, a.epsilon, a.num_generations, a.loss_type) == (0.001, 10.0, cfg.num_generations, "grpo")
     assert a.sync_ref_model and a.max_completion_length == cfg.max_completion_length

@@ -1,11 +1,12 @@
 """stages/trainers.py and stages/shared/plots.py: argument building, checkpoints, progress lines, summaries, plots."""
 import json
 import math
-
 import time
+from pathlib import Path
 
 import pytest
-from transformers import TrainerControl, TrainerState
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl import GRPOConfig, SFTConfig
 
 from pipeline.plan import compose_config
@@ -175,15 +176,47 @@ def _smoke_sft_trainer(smoke_base, work_dir, **overrides):
     return trainers.sft_trainer(cfg, model, tok, data, work_dir, name="cold_start_sft")
 
 
+class CheckpointSizes(TrainerCallback):
+    """The bytes and files of each checkpoint as it is saved (before the next one replaces it)."""
+
+    def __init__(self):
+        self.sizes, self.files = {}, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.sizes[state.global_step] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        self.files[state.global_step] = {f.name for f in path.iterdir()}
+
+
 def test_the_checkpoint_estimate_is_what_the_trainer_writes(smoke_base, tmp_path):
-    """checkpoint_bytes against a real checkpoint of the SFT trainer: weights plus AdamW state, within 10% (the rest is
-    the scheduler, RNG and JSON)."""
-    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=1, save_steps=1)
+    """checkpoint_bytes against a real checkpoint of the SFT trainer, one written before the last step: weights plus
+    AdamW state, within 10% (the rest is the scheduler, RNG and JSON)."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=1)
+    sizes = CheckpointSizes()
+    trainer.add_callback(sizes)
     estimate = trainers.checkpoint_bytes(trainer)
     trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
-    written = sum(f.stat().st_size for f in (tmp_path / trainers.CHECKPOINT_DIR / "checkpoint-1").rglob("*")
-                  if f.is_file())
-    assert written == pytest.approx(estimate, rel=0.10), (written, estimate)
+    assert sizes.sizes[1] == pytest.approx(estimate, rel=0.10), (sizes.sizes, estimate)
+
+
+def test_the_last_steps_checkpoint_holds_the_weights_and_a_rerun_loads_them(smoke_base, tmp_path):
+    """After the last step nothing trains on, so its checkpoint skips AdamW, scheduler and RNG state (at 7B: 28 of
+    85 GiB); a rerun in the same work dir (a crash before publishing) loads the final weights from it."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=1)
+    sizes = CheckpointSizes()
+    trainer.add_callback(sizes)
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
+    assert {"optimizer.pt", "scheduler.pt"} <= sizes.files[1]  # mid-run: everything a resume needs
+    assert not {"optimizer.pt", "scheduler.pt"} & sizes.files[2] and "trainer_state.json" in sizes.files[2]
+    assert sizes.sizes[2] == pytest.approx(weights, rel=0.10) and sizes.sizes[2] < sizes.sizes[1] / 2
+    assert not trainer.args.save_only_model  # the trainer's own setting is left as it was for a later train()
+    final = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    again = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=1)
+    assert trainers.train(again, tmp_path / trainers.CHECKPOINT_DIR) == 2 and again.state.global_step == 2
+    for name, value in again.model.state_dict().items():
+        torch.testing.assert_close(value, final[name], msg=name)
 
 
 def test_training_refuses_to_start_where_one_checkpoint_does_not_fit(smoke_base, tmp_path, monkeypatch, caplog):
