@@ -659,4 +659,31 @@ lease10_sft() {  # call 2 (carry .gpu/c1/whl): trl, datasets, hydra; the SFT ben
   grep -h -A8 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
 }
 
+
+# Second machine of the tenth lease (4 x H100): the whole R1-Zero recipe at 7B under multi_gpu, at the paper preset's
+# lengths (SEVEN_B9: GRPO 1 step of 8 prompts x G=16, evaluations 2 questions x k=64), with the last step's checkpoint
+# now holding the weights only (the ninth lease's 113.5 GiB one kept the stage from publishing within its limit).
+# GRPO first, then its evaluation, then the base's and the report. Call 1: part 1 + `lease9_first` (the fixture on
+# GPU 0); call 2: part 2 + `lease10_start` + `lease6_wait 500`; then `lease6_wait 540`.
+zero_7b_recipe() {
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  local part t
+  for part in base,reasoning_grpo eval_reasoning_grpo eval_base,report; do
+    t=$(date +%s)
+    timeout 1000 python benchmarks/stage_times.py --run --stages $part $SEVEN_B9 \
+      hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/zero_7b_${part%%,*}.json" >> "$OUT/zero_7b.log" 2>&1
+    local rc=$?
+    echo "== 7B $part rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/zero_7b.log"
+    [ $rc = 0 ] || return $rc
+  done
+}
+lease10_chain() {
+  disk_monitor; gpu_monitor
+  while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
+  job zero7b 0,1,2,3 zero_7b_recipe
+  find /tmp/art_7b -name log_history.jsonl -exec cp {} /tmp/jobs/zero7b/grpo_7b_log_history.jsonl \;
+  touch /tmp/jobs/chain.done
+}
+lease10_start() { start_chain lease10_chain; }
+
 "$@"
