@@ -685,5 +685,14 @@ lease10_chain() {
   touch /tmp/jobs/chain.done
 }
 lease10_start() { start_chain lease10_chain; }
+# call 4, on the same machine after the chain (the two 7B reward models of the r1 recipe, 1 step each; base reused):
+rm_7b() {
+  vsetup; export PYTHONPATH=$PWD:$PYTHONPATH
+  timeout 470 python benchmarks/stage_times.py --run --stages base,helpfulness_rm,harmlessness_rm recipe=r1 \
+    hardware=multi_gpu model=qwen2.5-math-7b model.source=/tmp/fx/qwen2.5-math-7b reward_model.helpfulness.max_steps=1 \
+    reward_model.harmlessness.max_steps=1 artifacts_root=/tmp/art_7b work_root=/tmp/work_7b --json "$OUT/rm_7b.json" \
+    > "$OUT/rm_7b.log" 2>&1
+  echo "rc=$?"; tail -n 40 /tmp/jobs/gpu_mem.txt > "$OUT/gpu_mem_tail.txt"
+}
 
 "$@"
