@@ -82,7 +82,7 @@ def trainer_args(config_cls, cfg: Mapping, checkpoint_dir: str | Path, **fields)
         logging_strategy="steps",
         save_strategy="steps",
         # the last checkpoint only: the trainer deletes the older one after the new one is complete, so a crash while
-        # saving still leaves one to resume from, and the disk holds two at a time, not three (a 7B one is 85 GiB)
+        # saving still leaves one to resume from, and the disk holds two at a time, not three (a 7B one is 114 GiB)
         save_total_limit=1,
         # a NaN or inf loss is logged as such; transformers' filter logs the mean of the earlier steps instead (0.0 on
         # a first step), and its check is a host sync on every micro-step (benchmarks/README.md, SFT MFU)
@@ -217,7 +217,9 @@ def load_final_weights(model, checkpoint: Path) -> None:
 
 def checkpoint_bytes(trainer) -> int:
     """What one trainer checkpoint of this model takes on disk: the trained weights in their dtype, AdamW's two
-    states per trained parameter, and GRPO's reference when it is saved with the checkpoint (sync_ref_model)."""
+    states per trained parameter, and GRPO's reference when it is saved with the checkpoint (sync_ref_model). Under
+    FSDP the weights are there twice: transformers saves the model (model.safetensors) and then, with the optimizer,
+    FSDP's own copy of it to resume from (pytorch_model_fsdp.bin), each gathered whole."""
     model = trainer.model
     trained = [p for p in model.parameters() if p.requires_grad]
     peft = hasattr(model, "peft_config")  # an adapter checkpoint holds the adapter's weights only
@@ -225,7 +227,8 @@ def checkpoint_bytes(trainer) -> int:
     adam = 2 * sum(p.numel() * p.element_size() for p in trained)
     reference = getattr(trainer, "ref_model", None) if getattr(trainer.args, "sync_ref_model", False) else None
     ref = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
-    return weights + adam + ref
+    fsdp_copy = weights if getattr(trainer, "is_fsdp_enabled", False) else 0
+    return weights + adam + ref + fsdp_copy
 
 
 def check_checkpoint_space(trainer, checkpoint_dir: str | Path) -> None:

@@ -199,6 +199,16 @@ def test_the_checkpoint_estimate_is_what_the_trainer_writes(smoke_base, tmp_path
     assert sizes.sizes[1] == pytest.approx(estimate, rel=0.10), (sizes.sizes, estimate)
 
 
+def test_the_checkpoint_estimate_counts_fsdps_second_copy_of_the_weights(smoke_base, tmp_path):
+    """Under FSDP transformers writes the weights twice per checkpoint (model.safetensors, then pytorch_model_fsdp.bin
+    with the optimizer state): the estimate that guards the disk counts both."""
+    trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=1, save_steps=1)
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    alone = trainers.checkpoint_bytes(trainer)
+    trainer.is_fsdp_enabled = True  # what accelerate's FSDP plugin sets; the trainer is otherwise the same
+    assert trainers.checkpoint_bytes(trainer) == alone + weights
+
+
 def test_the_last_steps_checkpoint_holds_the_weights_and_a_rerun_loads_them(smoke_base, tmp_path):
     """After the last step nothing trains on, so its checkpoint skips AdamW, scheduler and RNG state (at 7B: 28 of
     85 GiB); a rerun in the same work dir (a crash before publishing) loads the final weights from it."""
