@@ -462,11 +462,11 @@ def use_fa_cute():
     attend = fa_cute_varlen()
     if attend is None:
         raise RuntimeError("fa_cute: vllm.vllm_flash_attn.cute (+ nvidia-cutlass-dsl, quack) not importable")
-    saved = attention._varlen_fn
-    attention._varlen_fn = lambda: attend
+    saved = attention.varlen_fn
+    attention.varlen_fn = lambda: attend
 
     def undo():
-        attention._varlen_fn = saved
+        attention.varlen_fn = saved
 
     return undo
 
@@ -479,7 +479,7 @@ def check_varlen_kernels(which=("fa_cute", "cudnn"), iters=20) -> dict:
     wrong (dq inf), 32x slower, and the SFT run through it crashed (illegal memory access): not adopted."""
     from stages.shared import attention
 
-    flash = attention._varlen_fn()  # what attention.VARLEN runs, for the installed torch's signature
+    flash = attention.varlen_fn()  # what attention.VARLEN runs, for the installed torch's signature
 
     g = torch.Generator().manual_seed(2)
     lens = torch.randint(128, 2049, (32,), generator=g)

@@ -37,7 +37,7 @@ _registered = False
 _cu_cache: dict = {}
 
 
-def _varlen_fn():
+def varlen_fn():
     """torch.nn.attention.varlen.varlen_attn adapted to the signature of the installed torch (2.10: is_causal=True;
     2.11+: window_size=(-1, 0); GQA natively where it takes enable_gqa), or None where it does not exist."""
     try:
@@ -94,7 +94,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if attention_mask is None and query.shape[0] == 1 and q_len > 1 and key.shape[2] == q_len:
         seg = _segments(kwargs, q_len)
         if seg is not None:
-            attend = _varlen_fn() if query.is_cuda and dropout == 0.0 else None
+            attend = varlen_fn() if query.is_cuda and dropout == 0.0 else None
             low = _flash_dtype(query.dtype)
             if attend is not None and low is not None:
                 cu, max_len = seg
@@ -148,7 +148,7 @@ def register() -> str:
 
 
 def varlen_available() -> bool:
-    return torch.cuda.is_available() and _varlen_fn() is not None
+    return torch.cuda.is_available() and varlen_fn() is not None
 
 
 def set_attention(model, name: str | None) -> str:
