@@ -38,10 +38,31 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
-def _worker(rank: int, world: int, store: str, out: str) -> None:
-    import torch.distributed as dist
+def _shard(model, world: int):
+    """What accelerate's TRANSFORMER_BASED_WRAP does under FSDP2: a unit per decoder layer, then the whole model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _assert_whole_state_is(model, expected: dict, rank: int) -> None:
+    """Gather the sharded model's full state dict (a collective) and compare it on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        assert set(state) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(state[name], tensor), name
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -51,10 +72,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
         model, tokenizer = _model_and_tokenizer()
         assert not trainers.fsdp_sharded(model)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:  # what accelerate's TRANSFORMER_BASED_WRAP does: a unit per decoder layer
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        _shard(model, world)
         assert trainers.fsdp_sharded(model)
         local = model.model.embed_tokens.weight.to_local()
         assert local.shape[0] == 64 // world  # really sharded: each process holds half the rows
@@ -88,9 +106,6 @@ def test_fsdp_save_gathers_the_whole_model_and_writes_it_once(tmp_path):
 
 def _reference_worker(rank: int, world: int, store: str, checkpoint: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     sys.path.insert(0, str(ROOT))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -98,22 +113,14 @@ def _reference_worker(rank: int, world: int, store: str, checkpoint: str) -> Non
     try:
         from stages.shared import trainers
 
-        model, _ = _model_and_tokenizer()
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _shard(_model_and_tokenizer()[0], world)
         trainers.save_reference(model, Path(checkpoint))
         dist.barrier()
         with torch.no_grad():  # a resumed trainer's reference: the initial weights, here zeros
             for param in model.parameters():
                 param.to_local().zero_()
         trainers.load_reference(model, Path(checkpoint), sync_steps=2)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            expected = _model_and_tokenizer()[0].state_dict()
-            for name, tensor in expected.items():
-                assert torch.equal(state[name], tensor), name
+        _assert_whole_state_is(model, _model_and_tokenizer()[0].state_dict(), rank)
     finally:
         dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
         dist.destroy_process_group()
@@ -240,9 +247,6 @@ def test_reward_models_are_sharded_over_the_processes_and_score_as_one(tmp_path)
 
 def _final_weights_worker(rank: int, world: int, store: str, checkpoint: str, tied: bool) -> None:
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     sys.path.insert(0, str(ROOT))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -250,18 +254,10 @@ def _final_weights_worker(rank: int, world: int, store: str, checkpoint: str, ti
     try:
         from stages.shared import trainers
 
-        model, _ = _model_and_tokenizer(tied=tied, seed=1)  # what a rerun builds before loading: other weights
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        # what a rerun builds before loading: other weights
+        model = _shard(_model_and_tokenizer(tied=tied, seed=1)[0], world)
         trainers.load_final_weights(model, Path(checkpoint))
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            expected = _model_and_tokenizer(tied=tied, seed=0)[0].state_dict()
-            assert set(state) == set(expected)
-            for name, tensor in expected.items():
-                assert torch.equal(state[name], tensor), name
+        _assert_whole_state_is(model, _model_and_tokenizer(tied=tied, seed=0)[0].state_dict(), rank)
     finally:
         dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
         dist.destroy_process_group()
