@@ -283,8 +283,9 @@ class FinalCheckpointCallback(TrainerCallback):
     What it would add (AdamW's two states per weight, the scheduler, RNG, GRPO's reference) only serves to continue
     training, and after the last step nothing continues: a rerun after a crash between training and publishing loads
     the final weights from it (train()), and once the stage is published the runner deletes it. At 7B under FSDP the
-    full checkpoint was 85 GiB (cold start) and 113.5 GiB (GRPO with its reference), written by one process in 2.5 to
-    4.5 minutes per stage (benchmarks/README.md, leases 7 and 9); the weights are 28 GiB of that (fp32)."""
+    full checkpoint is ~114 GiB (cold start) and ~142 GiB (GRPO with its reference; checkpoint_bytes counts both
+    copies of the weights FSDP writes), written by one process in 2.5 to 4.5 minutes per stage (benchmarks/README.md,
+    leases 7 and 9). The weights alone are 28 GiB (fp32), written in ~38 s (lease 10)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.save_only_model = args.save_only_model

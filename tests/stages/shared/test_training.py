@@ -211,7 +211,7 @@ def test_the_checkpoint_estimate_counts_fsdps_second_copy_of_the_weights(smoke_b
 
 def test_the_last_steps_checkpoint_holds_the_weights_and_a_rerun_loads_them(smoke_base, tmp_path):
     """After the last step nothing trains on, so its checkpoint skips AdamW, scheduler and RNG state (at 7B: 28 of
-    85 GiB); a rerun in the same work dir (a crash before publishing) loads the final weights from it."""
+    ~114 GiB); a rerun in the same work dir (a crash before publishing) loads the final weights from it."""
     trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=1)
     sizes = CheckpointSizes()
     trainer.add_callback(sizes)
