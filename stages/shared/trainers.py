@@ -171,7 +171,7 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
             # Training had finished (the crash came later, e.g. while saving the artifact): Trainer would run one
             # more step on a resume at max_steps, so load the final weights and state instead.
             log.info("training had finished at %s; loading it", checkpoint)
-            if fsdp_sharded(trainer.model):
+            if getattr(trainer, "is_fsdp_enabled", False):  # the model is not wrapped yet: train() would do it
                 load_final_weights(trainer.model, Path(checkpoint))
             else:
                 trainer._load_from_checkpoint(checkpoint)
@@ -194,10 +194,11 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
 
 
 def load_final_weights(model, checkpoint: Path) -> None:
-    """The weights of a finished run's last checkpoint (FinalCheckpointCallback: weights only) into a model sharded by
-    FSDP. transformers' loader reads FSDP's own copy of the weights (pytorch_model_fsdp.bin), which it writes only
-    together with the optimizer state, so it cannot load such a checkpoint. Every process reads the saved full state
-    dict and keeps its shard. A tied LM head is saved once, under the embedding's name, and is the embedding here."""
+    """The weights of a finished run's last checkpoint (FinalCheckpointCallback: weights only) into the model of a
+    trainer under FSDP, whole or already sharded. transformers' loader reads FSDP's own copy of the weights
+    (pytorch_model_fsdp.bin) there, which it writes only together with the optimizer state, so it cannot load such a
+    checkpoint. Every process reads the saved full state dict (a sharded model keeps its shard). A tied LM head is
+    saved once, under the embedding's name, and is the embedding here."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -228,6 +228,14 @@ def test_the_last_steps_checkpoint_holds_the_weights_and_a_rerun_loads_them(smok
     for name, value in again.model.state_dict().items():
         torch.testing.assert_close(value, final[name], msg=name)
 
+    # under FSDP (accelerate sets is_fsdp_enabled; the model is wrapped only inside trainer.train(), which a finished
+    # run skips) transformers' loader would look for FSDP's own copy, which this checkpoint does not hold
+    under_fsdp = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=2, save_steps=1)
+    under_fsdp.is_fsdp_enabled = True
+    assert trainers.train(under_fsdp, tmp_path / trainers.CHECKPOINT_DIR) == 2
+    for name, value in under_fsdp.model.state_dict().items():
+        torch.testing.assert_close(value, final[name], msg=name)
+
 
 def test_training_refuses_to_start_where_one_checkpoint_does_not_fit(smoke_base, tmp_path, monkeypatch, caplog):
     trainer = _smoke_sft_trainer(smoke_base, tmp_path, max_steps=1, save_steps=1)
