@@ -20,6 +20,7 @@ to stdout (a table last) and, with $OUT set, to $OUT/bench_sft_gpu.json and per-
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -399,17 +400,13 @@ def cudnn_varlen(q, k, v, cu, max_len, scale):
                                                    scale=scale)[0]
 
 
-_FA_CUTE = []
-
-
+@functools.cache  # the custom ops are registered once per process
 def fa_cute_varlen():
     """FlashAttention's CuTe-DSL kernels for packed (T, H, D) rows, forward and backward (FA3-class on Hopper: the sm90
     kernels of flash_attn/cute, as vLLM 0.25 ships them in vllm.vllm_flash_attn.cute; they need nvidia-cutlass-dsl
     4.5.2 [cu13] and quack-kernels 0.5.0, carried by lent_gpu.sh's lease10 calls), as a torch custom op, so the
     per-layer torch.compile traces through it instead of breaking its graph. Same arguments as attention.py's varlen
     flash function; None where the kernels cannot be imported."""
-    if _FA_CUTE:
-        return _FA_CUTE[0]
     try:
         from vllm.vllm_flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
     except Exception as e:  # not carried, or the DSL does not load
@@ -454,7 +451,6 @@ def fa_cute_varlen():
     def attend(q, k, v, cu, max_len, scale):
         return fwd(q, k, v, cu, max_len, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
 
-    _FA_CUTE.append(attend)
     return attend
 
 

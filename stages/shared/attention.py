@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Mapping
@@ -37,6 +38,7 @@ _registered = False
 _cu_cache: dict = {}
 
 
+@functools.cache  # called by every layer's forward: the import and the signature are read once
 def varlen_fn():
     """torch.nn.attention.varlen.varlen_attn adapted to the signature of the installed torch (2.10: is_causal=True;
     2.11+: window_size=(-1, 0); GQA natively where it takes enable_gqa), or None where it does not exist."""
