@@ -695,4 +695,88 @@ rm_7b() {
   echo "rc=$?"; tail -n 40 /tmp/jobs/gpu_mem.txt > "$OUT/gpu_mem_tail.txt"
 }
 
+
+# The eleventh lease (issue 15), 4 GPUs of one host: what the paper preset has not yet run at its sizes.
+# 1. GPUs 0-3: the r1 recipe's chain at 7B (the Qwen2.5-Math-7B-shaped fixture) under multi_gpu, in recipe order:
+#    base, cold start, GRPO, rejection sampling, both reward models, merged SFT + alignment RL, eval_final. The
+#    stages that ran at 7B before run short to get there (cold start 16 rows, GRPO and rejection sampling at 512
+#    completion tokens, the reward models 1 step); the alignment RL runs at the preset's lengths (completions capped at
+#    the context, 8 prompts x G=16, one sequence per forward) with policy, reference and both 7B reward models beside
+#    vLLM's 40 GB: the recipe's largest memory, predicted at ~78 GB per 80 GB GPU. Its before/after reward-model
+#    scores generate 256 tokens (HF generate under FSDP: the preset's 8,192 would take minutes at 7B). The 4 x H100
+#    disk cannot hold every 7B artifact with a stage's resume state, so cold_start_sft and reasoning_grpo go after
+#    rejection sampling, as a user on this disk would remove them.
+# 2. Before it, on GPU 1 while the 7B fixture builds on GPU 0: distillation's SFT on rows of the preset's 32,768 tokens
+#    (the R1-Distill-Qwen-1.5B-shaped student, context 131,072; benchmarks/long_rows_dataset.py writes the rows).
+# Call 1 (carry .gpu/c1 .gpu/bin .whl): `bash .gpu/bin/device.sh part1 && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh
+# lease11_first`; call 2 (carry .gpu/c2 .gpu/bin .whl): `bash .gpu/bin/device.sh part2 check && GPU_CARRY=.gpu bash
+# benchmarks/lent_gpu.sh lease11_start && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease11_wait 500`; then
+# `lease11_wait 540` (carry .gpu/bin).
+R1_7B="recipe=r1 hardware=multi_gpu model=qwen2.5-math-7b model.source=/tmp/fx/qwen2.5-math-7b \
+cold_start_sft.max_steps=1 cold_start_sft.gradient_accumulation_steps=4 reasoning_grpo.max_steps=1 \
+reasoning_grpo.steps_per_rollout=1 reasoning_grpo.prompts_per_step=8 reasoning_grpo.gradient_accumulation_steps=32 \
+reasoning_grpo.max_completion_length=512 rejection_sampling.max_prompts=8 rejection_sampling.max_tokens=512 \
+reward_model.helpfulness.max_steps=1 reward_model.harmlessness.max_steps=1 merged_sft_alignment.sft.max_steps=1 \
+merged_sft_alignment.sft.gradient_accumulation_steps=4 merged_sft_alignment.eval_max_new_tokens=256 \
+merged_sft_alignment.alignment.max_steps=1 merged_sft_alignment.alignment.prompts_per_step=8 \
+merged_sft_alignment.alignment.gradient_accumulation_steps=32 merged_sft_alignment.alignment.preference_rewards_from=0 \
+merged_sft_alignment.alignment.eval_general_prompts=1 evaluate.max_questions=2 artifacts_root=/tmp/art_7b \
+work_root=/tmp/work_7b"
+r7_part() {  # $1: a name for the logs, $2: --stages
+  local name=$1 stages=$2 t=$(date +%s)
+  timeout 1500 python benchmarks/stage_times.py --run --stages $stages $R1_7B \
+    hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== 7B $name rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/$name.log"
+  return $rc
+}
+r1_7b_recipe() {
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  r7_part teacher base,cold_start_sft,reasoning_grpo,rejection_sampling || return 1
+  rm -rf /tmp/art_7b/cold_start_sft /tmp/art_7b/reasoning_grpo
+  r7_part merged helpfulness_rm,harmlessness_rm,merged_sft_alignment || return 1
+  r7_part final eval_final
+}
+distill_long_rows() {
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  local fx=/tmp/fx/deepseek-r1-distill-qwen-1.5b t=$(date +%s) version
+  python tests/fixtures/real_models/build.py --full-size --out /tmp/fx deepseek-r1-distill-qwen-1.5b \
+    > "$OUT/build.log" 2>&1 || return 1
+  version=$(python benchmarks/long_rows_dataset.py --root /tmp/art_lr --tokenizer $fx --rows 8 --tokens 33000) || return 1
+  echo "== student built and $version written in $(( $(date +%s) - t )) s"
+  # 4 rows of 32,768 tokens per step (the preset: 1 per forward, 128 per step); the teacher is never loaded
+  timeout 300 python benchmarks/stage_times.py --run --stages student_base,distill recipe=distill hardware=gpu \
+    +recipe.pins.rejection_sampling=$version model=qwen2.5-math-1.5b model.source=$fx \
+    model@student=qwen2.5-math-1.5b student.source=$fx distill.max_steps=1 distill.gradient_accumulation_steps=4 \
+    artifacts_root=/tmp/art_lr work_root=/tmp/work_lr --json "$OUT/distill_long.json" > "$OUT/distill_long.log" 2>&1
+  local rc=$?
+  echo "== distill on 32k rows rc=$rc in $(( $(date +%s) - t )) s" | tee -a "$OUT/distill_long.log"
+  find /tmp/art_lr -name log_history.jsonl -exec cp {} "$OUT/distill_long_log_history.jsonl" \;
+  rm -rf /tmp/art_lr /tmp/work_lr
+  return $rc
+}
+lease11_first() {
+  vsetup
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/jobs
+  setsid bash benchmarks/lent_gpu.sh job fx 0 fixture_7b < /dev/null > /dev/null 2>&1 &
+  setsid bash benchmarks/lent_gpu.sh job long 1 distill_long_rows < /dev/null > /dev/null 2>&1 &
+  sleep 2; ls /tmp/jobs; free -g | head -n 2; df -h /tmp | tail -n 1
+}
+lease11_chain() {
+  disk_monitor; gpu_monitor
+  while [ ! -f /tmp/jobs/fx.rc ] || [ ! -f /tmp/jobs/long.rc ]; do sleep 5; done
+  job r7 0,1,2,3 r1_7b_recipe
+  find /tmp/art_7b -name log_history.jsonl -exec sh -c \
+    'cp "$1" "/tmp/jobs/r7/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  touch /tmp/jobs/chain.done
+}
+lease11_start() { start_chain lease11_chain; }
+lease11_wait() {
+  lease6_wait "$1"
+  grep -h "^== \|Traceback\|Error\|OutOfMemory\|capped\|does not fit" /tmp/jobs/*/*.log 2>/dev/null | cut -c1-300 | tail -n 40
+  tail -n 3 /tmp/jobs/gpu_mem.txt
+}
+
 "$@"
