@@ -216,6 +216,8 @@ def merged_sft(cfg, inputs: dict, work_dir: Path, callbacks=None):
     # RL starts from the saved model, as a resumed run does: under FSDP the trained one is wrapped (FSDPQwen3...), and
     # a second trainer's FSDP wrap finds no decoder-layer class in it (seen on 2 and 4 H100s)
     del model, trainer
+    # ...and the SFT's model and AdamW state leave the GPUs before the RL's policy, reference and reward models come
+    hardware.release_memory()
     model, tokenizer = trainers.load_policy(done, cfg.hardware)
     return model, tokenizer, metrics, history
 

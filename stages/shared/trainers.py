@@ -40,7 +40,7 @@ from transformers import TrainerCallback
 
 from stages.shared import logs, progress
 from stages.shared.errors import UserError
-from stages.shared.hardware import hardware_args, is_main_process, model_dtype, on_cpu, world_size
+from stages.shared.hardware import hardware_args, is_main_process, model_dtype, on_cpu, release_memory, world_size
 
 log = logging.getLogger(__name__)
 
@@ -654,8 +654,11 @@ def colocated_engine_args(hardware: Mapping):
     """Around GRPOTrainer(...): TRL 1.16 builds its colocated vLLM engine there with `LLM(...)` and has no field for
     enforce_eager, so hardware.vllm.enforce_eager reaches that engine only through the constructor TRL calls. Eager
     starts in ~10 s instead of 57-82 s and decodes at 0.62x (benchmarks/README.md, 1.5B on an H100): worth it for
-    short stages, not for long ones."""
+    short stages, not for long ones. Memory the trainer's process no longer uses goes back to the driver first: the
+    engine's start counts it as used (hardware.release_memory)."""
     import trl.generation.vllm_generation as trl_vllm
+
+    release_memory()
 
     if not hardware["vllm"]["enforce_eager"] or not hasattr(trl_vllm, "LLM"):
         yield

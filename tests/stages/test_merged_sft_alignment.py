@@ -157,6 +157,38 @@ def test_without_a_base_input_the_stage_refuses(tmp_path):
         msa.run(cfg, {"model": tmp_path}, tmp_path / "out", tmp_path / "work")
 
 
+def test_the_merged_sfts_model_is_gone_before_the_rl_loads_its_policy(smoke_base, stage3_dataset, tmp_path,
+                                                                      monkeypatch):
+    """The finished SFT's model sits in reference cycles until the collector runs: under FSDP its fp32 shards and, in
+    the allocator's cache, its AdamW state stayed on the GPUs beside the RL's policy, reference and reward models (the
+    eleventh lease's 7B alignment RL started vLLM beside 56 GB per GPU). It is collected before the RL's policy
+    loads, without waiting for the collector."""
+    import gc
+    import weakref
+
+    cfg = compose_config(["size=smoke"]).merged_sft_alignment
+    sft, load_policy, alive = msa.trainers.sft, msa.trainers.load_policy, []
+    refs = {}
+
+    def spy_sft(*args, **kwargs):
+        model, trainer = sft(*args, **kwargs)
+        refs.update(model=weakref.ref(model), optimizer=weakref.ref(trainer.optimizer))
+        return model, trainer
+
+    def spy_load(path, hw):
+        alive.append({k: r() is not None for k, r in refs.items()})
+        return load_policy(path, hw)
+
+    monkeypatch.setattr(msa.trainers, "sft", spy_sft)
+    monkeypatch.setattr(msa.trainers, "load_policy", spy_load)
+    gc.disable()  # only the stage may collect
+    try:
+        msa.merged_sft(cfg, {"base": smoke_base, "dataset": stage3_dataset}, tmp_path / "work")
+    finally:
+        gc.enable()
+    assert alive == [{}, {"model": False, "optimizer": False}]
+
+
 def test_smoke_run_sft_from_base_then_alignment_resumes(smoke_base, stage3_dataset, rm_artifacts, tmp_path,
                                                        monkeypatch):
     # preference rewards from 3/4 of the 4 smoke steps: the first RM-scored step (3) differs from the first step

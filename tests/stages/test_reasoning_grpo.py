@@ -5,6 +5,7 @@ import math
 import shutil
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from pipeline.plan import compose_config
@@ -52,6 +53,34 @@ def test_enforce_eager_reaches_trls_colocated_engine(monkeypatch):
         trl_vllm.LLM(model="m")
     assert seen == [{"enforce_eager": True, "model": "m", "gpu_memory_utilization": 0.3}, {"model": "m"},
                     {"model": "m"}]
+
+
+def test_memory_the_trainer_no_longer_uses_is_released_before_trls_engine_starts(monkeypatch):
+    """vLLM sizes the colocated engine from the driver's free memory: garbage in reference cycles (a finished trainer's
+    model) and the CUDA allocator's cached blocks would count as used. Both go before the constructor runs."""
+    import gc
+    import weakref
+
+    import trl.generation.vllm_generation as trl_vllm
+
+    class Model:  # a finished trainer's model: reachable from its own reference cycle only
+        pass
+
+    model = Model()
+    model.self = model
+    gone = weakref.ref(model)
+    del model
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(trl_vllm, "LLM", lambda **kw: (gone() is None, list(emptied)), raising=False)
+    gc.disable()  # only the release may collect the cycle
+    try:
+        with trainers.colocated_engine_args({"vllm": {"enforce_eager": False}}):
+            assert trl_vllm.LLM(model="m") == (True, [True])
+    finally:
+        gc.enable()
 
 
 def test_bad_knobs_are_user_errors(tmp_path):
