@@ -49,7 +49,9 @@ SFT_LOG_HISTORY = "sft_log_history.jsonl"
 # Rewards
 
 class ForKind:
-    """A reward function applied to the rows of one `kind` only; None (TRL: not applicable) for the others."""
+    """A reward function applied to the rows of one `kind` only; None (TRL: not applicable) for the others. It is called
+    even when no row is of its kind: a reward model sharded over the processes must run on every process
+    (reward_models.most_batches)."""
 
     def __init__(self, fn, kind: str):
         self.fn, self.kind = fn, kind
@@ -59,10 +61,9 @@ class ForKind:
         n = len(completions)
         rows = [i for i in range(n) if kind is None or kind[i] == self.kind]
         out: list = [None] * n
-        if rows:
-            sub = {k: [v[i] for i in rows] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
-            for i, r in zip(rows, self.fn(completions=[completions[i] for i in rows], **sub)):
-                out[i] = r
+        sub = {k: [v[i] for i in rows] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+        for i, r in zip(rows, self.fn(completions=[completions[i] for i in rows], **sub)):
+            out[i] = r
         return out
 
 

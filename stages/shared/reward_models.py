@@ -47,20 +47,39 @@ def score(model, tokenizer, questions: list[str], responses: list[str], *, batch
     model.eval()
     device = next(model.parameters()).device
     texts = [rm_text(tokenizer, q, r) for q, r in zip(questions, responses)]
+    batches = [texts[start:start + batch_size] for start in range(0, len(texts), batch_size)]
+    filler = [rm_text(tokenizer, "", "")]  # what a process with fewer batches scores while its peers gather weights
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     out: list[float] = []
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+        for i in range(most_batches(len(batches), model, device)):
+            enc = tokenizer(batches[i] if i < len(batches) else filler, return_tensors="pt", padding=True,
                             truncation=max_length is not None, max_length=max_length)
             output = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-            out.extend(output.logits[:, 0].float().tolist())
+            if i < len(batches):
+                out.extend(output.logits[:, 0].float().tolist())
     finally:
         tokenizer.truncation_side = side
         if was_training:
             model.train()
     return out
+
+
+def most_batches(batches: int, model, device) -> int:
+    """The most batches any process scores. A sharded RM's forward gathers its weights from every process, so each
+    process runs that many forwards, or the ones with fewer leave the others waiting forever. The counts differ in the
+    alignment RL: each process scores its own completions, and only those of general prompts (the 7B run of the
+    eleventh lease hung in its first step, benchmarks/README.md)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if _processes() == 1 or not isinstance(model, FSDPModule):
+        return batches
+    import torch.distributed as dist
+
+    count = torch.tensor([batches], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def load(artifact_dir: str | Path, hw) -> tuple:
@@ -108,8 +127,7 @@ def _processes() -> int:
 def _shard(model, device: str) -> None:
     """Under several processes (hardware=multi_gpu) each process keeps 1/N of the RM's weights, one FSDP2 unit per
     decoder layer gathered for its forward: two whole 7B RMs would take 30 GB of every GPU beside the policy and the
-    vLLM engine. Every process must then score the same number of batches, which the reward function (each process
-    scores its own completions, the same count on each) and the before/after measurement (the same prompts) do."""
+    vLLM engine. Every process then runs the same number of forwards (`most_batches`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -196,11 +196,15 @@ TEXTS = {0: ["The answer is 4.", "Paris.", "I cannot help.", "t7 t8"], 1: ["No."
 
 
 def _rm_worker(rank: int, world: int, store: str, artifact: str, out: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a process left waiting in a collective fails after this, instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         from pipeline.plan import compose_config
         from stages.shared import reward_models
@@ -208,7 +212,10 @@ def _rm_worker(rank: int, world: int, store: str, artifact: str, out: str) -> No
         rm, tok, _ = reward_models.load(artifact, compose_config(["hardware=cpu"]).hardware)
         rows = rm.base_model.embed_tokens.weight.to_local().shape[0]
         scores = reward_models.score(rm, tok, ["q"] * 4, TEXTS[rank], batch_size=3)  # 2 batches on each process
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"rows": rows, "scores": scores}))
+        # the alignment RL scores only the general rows of each process's completions: 2 batches here, none there
+        uneven = reward_models.score(rm, tok, ["q"] * 4 if rank == 0 else [], TEXTS[0] if rank == 0 else [],
+                                     batch_size=3)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"rows": rows, "scores": scores, "uneven": uneven}))
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -217,7 +224,8 @@ def _rm_worker(rank: int, world: int, store: str, artifact: str, out: str) -> No
 
 def test_reward_models_are_sharded_over_the_processes_and_score_as_one(tmp_path):
     """The alignment RL's reward models under several processes: each process holds half the weights (two whole 7B RMs
-    would take 30 GB of every GPU) and scores its own completions exactly as the whole model does."""
+    would take 30 GB of every GPU) and scores its own completions exactly as the whole model does, also when the
+    processes have different numbers of completions to score (the 7B alignment RL hung on that)."""
     import torch.multiprocessing as mp
     from transformers import Qwen3ForSequenceClassification
 
@@ -243,6 +251,10 @@ def test_reward_models_are_sharded_over_the_processes_and_score_as_one(tmp_path)
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["rows"] == 64 // 2  # sharded: half the embedding rows here
         assert got["scores"] == pytest.approx(reward_models.score(whole, tok, ["q"] * 4, TEXTS[rank]), abs=1e-5)
+    # processes with different numbers of completions to score still finish, with the scores of their own
+    assert json.loads((tmp_path / "rank1.json").read_text())["uneven"] == []
+    assert json.loads((tmp_path / "rank0.json").read_text())["uneven"] == pytest.approx(
+        reward_models.score(whole, tok, ["q"] * 4, TEXTS[0]), abs=1e-5)
 
 
 def _final_weights_worker(rank: int, world: int, store: str, checkpoint: str, tied: bool) -> None:

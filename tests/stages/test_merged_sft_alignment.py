@@ -124,6 +124,19 @@ def test_rewards_are_routed_by_prompt_kind_and_rms_wait_for_their_step(rms):
         assert isinstance(out[name][1], float), name
         assert all(v is None for v in funcs[names.index(name)](trainer_state=early, **batch)), name
 
+    # a process whose completions are all of one kind still calls the other kind's functions, with no rows: a reward
+    # model sharded over the processes must run its forwards on every process (reward_models.most_batches)
+    reasoning_only = {k: v[::2] if isinstance(v, list) else v for k, v in batch.items()}
+    calls = []
+    spy = msa.ForKind(lambda completions, **kw: calls.append(len(completions)) or [0.5] * len(completions), "general")
+    assert spy(trainer_state=late, **reasoning_only) == [None, None] and calls == [0]
+    for f in funcs:  # every real reward takes the empty call
+        got = f(trainer_state=late, **reasoning_only)
+        if f.__name__ in ("helpfulness", "harmlessness"):
+            assert got == [None, None], f.__name__
+        else:
+            assert all(isinstance(v, float) for v in got), f.__name__
+
 
 def test_prompts_follow_the_schedule_reasoning_first_then_the_mix():
     cfg = compose_config(["merged_sft_alignment.alignment.max_steps=20",
