@@ -779,4 +779,50 @@ lease11_wait() {
   tail -n 3 /tmp/jobs/gpu_mem.txt
 }
 
+# The twelfth lease (issue 15), 4 GPUs of one host: the 7B alignment RL to its end and eval_final, after what the
+# eleventh lease's cut run found (the sharded reward models' deadlock, 09aa8d0; the trainer's memory released before
+# the engine starts, 469d079; the 7B preset's vLLM share of 0.45, 46cf0df). Cold start, GRPO and rejection sampling
+# ran at 7B in recipe order in the eleventh lease; here the merged SFT trains on a rejection-sampling-shaped artifact
+# of 16 reasoning rows of ~3,800 tokens pinned into the store (benchmarks/long_rows_dataset.py), so the device time
+# goes to what has not run: base, both reward models, merged SFT + alignment RL with both RMs beside vLLM, eval_final.
+# vLLM gets what the preset's 0.45 gives it on an 80 GB H100 whatever GPU comes (36 GB), so the memory trace reads as
+# an H100's. Call 1 (carry .gpu/c1 .gpu/bin .whl): `bash .gpu/bin/device.sh part1 && GPU_CARRY=.gpu bash
+# benchmarks/lent_gpu.sh lease12_first`; call 2 (carry .gpu/c2 .gpu/bin .whl): `bash .gpu/bin/device.sh part2 check &&
+# GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease12_start && GPU_CARRY=.gpu bash benchmarks/lent_gpu.sh lease12_wait
+# 480`; then `lease12_wait 570` (carry .gpu/bin) while device time lasts.
+vllm_h100_share() {  # the gpu_memory_utilization that gives vLLM what $1 of an 80 GB H100 (81,559 MiB) gives it
+  python3 -c "print(round($1 * 81559 / $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1), 3))"
+}
+r1_7b_aligned() {
+  [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
+  export PYTHONPATH=$PWD:$PYTHONPATH
+  local t=$(date +%s) version rc
+  version=$(python benchmarks/long_rows_dataset.py --root /tmp/art_7b --tokenizer /tmp/fx/qwen2.5-math-7b --rows 16 \
+    --tokens 3800) || return 1
+  echo "== pinned rejection_sampling@$version"
+  timeout 1500 python benchmarks/stage_times.py --run \
+    --stages base,helpfulness_rm,harmlessness_rm,merged_sft_alignment,eval_final $R1_7B \
+    +recipe.pins.rejection_sampling=$version hardware.vllm.gpu_memory_utilization=$(vllm_h100_share 0.45) \
+    --json "$OUT/aligned.json" > "$OUT/aligned.log" 2>&1
+  rc=$?
+  echo "== 7B aligned rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/aligned.log"
+  return $rc
+}
+lease12_first() {
+  vsetup
+  mkdir -p /tmp/jobs
+  setsid bash benchmarks/lent_gpu.sh job fx 0 fixture_7b < /dev/null > /dev/null 2>&1 &
+  sleep 2; ls /tmp/jobs; free -g | head -n 2; df -h /tmp | tail -n 1
+}
+lease12_chain() {
+  disk_monitor; gpu_monitor
+  while [ ! -f /tmp/jobs/fx.rc ]; do sleep 5; done
+  job r7 0,1,2,3 r1_7b_aligned
+  find /tmp/art_7b -name log_history.jsonl -exec sh -c \
+    'cp "$1" "/tmp/jobs/r7/$(echo "$1" | cut -d/ -f4)_log_history.jsonl"' _ {} \;
+  touch /tmp/jobs/chain.done
+}
+lease12_start() { start_chain lease12_chain; }
+lease12_wait() { lease11_wait "$1"; }
+
 "$@"

@@ -235,7 +235,7 @@ def run(cfg, inputs: dict, output_dir: Path, work_dir: Path, callbacks: list | N
     verified_before = rewards.verifier_stats()
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     acfg = _node(cfg, "alignment")
-    trainers.check_vllm(acfg)
+    trainers.check_vllm(acfg, key="merged_sft_alignment.alignment")
     max_steps = int(acfg.max_steps)
     from_step = int(round(float(acfg.preference_rewards_from) * max_steps))
 

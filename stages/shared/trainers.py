@@ -671,19 +671,21 @@ def colocated_engine_args(hardware: Mapping):
         trl_vllm.LLM = constructor
 
 
-def check_vllm(cfg) -> None:
+def check_vllm(cfg, key: str = "reasoning_grpo") -> None:
+    """use_vllm's preconditions, before any model loads; `key` names the config node in errors."""
     if not cfg.use_vllm:
         return
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("reasoning_grpo.use_vllm=true but vLLM is not installed (`make setup` installs it on GPU "
-                        "machines); set reasoning_grpo.use_vllm=false to generate with the trainer")
+        raise UserError(f"{key}.use_vllm=true but vLLM is not installed (`make setup` installs it on GPU machines); "
+                        f"set {key}.use_vllm=false to generate with the trainer")
     if on_cpu(cfg.hardware):
-        raise UserError("reasoning_grpo.use_vllm=true needs a GPU: TRL's weight sync into vLLM's CPU backend fails "
-                        "('Parameter' object has no attribute 'weight_loader'); keep use_vllm=false with hardware=cpu")
+        raise UserError(f"{key}.use_vllm=true needs a GPU: TRL's weight sync into vLLM's CPU backend fails "
+                        f"('Parameter' object has no attribute 'weight_loader'); set {key}.use_vllm=false with "
+                        f"hardware=cpu")
     if cfg.vllm_mode not in ("colocate", "server"):
-        raise UserError(f"reasoning_grpo.vllm_mode={cfg.vllm_mode!r}; use colocate or server")
+        raise UserError(f"{key}.vllm_mode={cfg.vllm_mode!r}; use colocate or server")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -170,6 +170,15 @@ def test_without_a_base_input_the_stage_refuses(tmp_path):
         msa.run(cfg, {"model": tmp_path}, tmp_path / "out", tmp_path / "work")
 
 
+def test_vllm_on_the_cpu_is_refused_naming_the_alignment_key_before_the_sft(tmp_path):
+    """The paper preset turns vLLM on for the alignment RL; a CPU try must be told which key to turn off (not
+    reasoning_grpo's), before the merged SFT spends its time."""
+    cfg = compose_config(["size=smoke", "hardware=cpu", "merged_sft_alignment.alignment.use_vllm=true"])
+    with pytest.raises(UserError, match=r"merged_sft_alignment\.alignment\.use_vllm=false"):
+        msa.run(cfg.merged_sft_alignment, {"base": tmp_path / "none"}, tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
 def test_the_merged_sfts_model_is_gone_before_the_rl_loads_its_policy(smoke_base, stage3_dataset, tmp_path,
                                                                       monkeypatch):
     """The finished SFT's model sits in reference cycles until the collector runs: under FSDP its fp32 shards and, in
