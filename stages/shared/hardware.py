@@ -62,6 +62,29 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def reset_peak_gpu_memory() -> None:
+    """Start this process's peak-memory counters afresh (a trainer's own peak, not its stage's loading)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_memory(*, over_processes: bool = False) -> dict[str, float]:
+    """This process's peak CUDA memory since the last reset, in GiB: `allocated` (live tensors: what must fit) and
+    `reserved` (plus the allocator's cached blocks, which nvidia-smi counts too, and which a full GPU hands back before
+    it fails an allocation). {} without CUDA. `over_processes`: the largest over all processes, a collective that
+    every process must call. nvidia-smi alone could not say whether the 7B alignment RL fits an 80 GB GPU (twelfth
+    lease, benchmarks/README.md)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    peaks = [torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()]
+    dist = torch.distributed
+    if over_processes and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor(peaks, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        peaks = most.tolist()
+    return {"allocated": peaks[0] / 2 ** 30, "reserved": peaks[1] / 2 ** 30}
+
+
 def pick_threads(configured: int, cpu: bool) -> int:
     """torch intra-op threads: hardware.torch_threads, lowered on a CPU machine that other processes keep busy.
 

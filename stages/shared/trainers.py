@@ -40,7 +40,8 @@ from transformers import TrainerCallback
 
 from stages.shared import logs, progress
 from stages.shared.errors import UserError
-from stages.shared.hardware import hardware_args, is_main_process, model_dtype, on_cpu, release_memory, world_size
+from stages.shared.hardware import (hardware_args, is_main_process, model_dtype, on_cpu, peak_gpu_memory, release_memory,
+                                    reset_peak_gpu_memory, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +392,7 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.time()
         self.start_step = state.global_step
+        reset_peak_gpu_memory()  # the trainer's peak, not its stage's loading or an earlier trainer's
         if state.is_world_process_zero:
             log.info("%s: training to step %d%s", self.name, state.max_steps,
                      f" (resumed at {state.global_step})" if state.global_step else "")
@@ -412,6 +414,9 @@ class ProgressCallback(TrainerCallback):
                 # write (140 s for a 7B one), which is not a step's time
                 per_step = ((self.last_step_end or time.time()) - self.t0) / (state.global_step - self.start_step)
                 parts.append(f"s/step={per_step:.2f}")
+            memory = peak_gpu_memory()  # this process's; the artifact's metrics hold the largest over processes
+            if memory:
+                parts.append(f"mem={memory['allocated']:.1f}/{memory['reserved']:.1f}GiB")
             log.info(" ".join(parts))
 
 
@@ -748,6 +753,9 @@ def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = Fals
     from stages.shared import plots
 
     output_dir = Path(output_dir)
+    # the training's peak GPU memory (reset when it began), the largest over processes, read before the save gathers
+    # the weights: live tensors, and with the allocator's cache ({} on the CPU)
+    memory = peak_gpu_memory(over_processes=True)
     save_model(model, tokenizer, output_dir)
     history = list(trainer.state.log_history)
     if is_main_process():
@@ -759,6 +767,7 @@ def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = Fals
         if runs.is_dir():
             shutil.copytree(runs, output_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
     metrics = logs.summarize(history)
+    metrics.update({f"gpu_peak_{k}_gib": v for k, v in memory.items()})
     metrics["global_step"] = int(trainer.state.global_step)
     metrics["resumed_from_step"] = int(getattr(trainer, "resumed_from", 0))
     return metrics

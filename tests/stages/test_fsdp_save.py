@@ -77,6 +77,17 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         local = model.model.embed_tokens.weight.to_local()
         assert local.shape[0] == 64 // world  # really sharded: each process holds half the rows
         trainers.save_model(model, tokenizer, out)
+
+        # the artifact's peak GPU memory is the largest over processes (the 7B alignment RL's ranks differed by 13 GB);
+        # CUDA's counters faked per rank: this machine has none
+        from stages.shared import hardware
+
+        gib = 2 ** 30
+        torch.cuda.is_available = torch.cuda.is_initialized = lambda: True
+        torch.cuda.max_memory_allocated = lambda: (10 + 5 * rank) * gib
+        torch.cuda.max_memory_reserved = lambda: (30 - 5 * rank) * gib
+        assert hardware.peak_gpu_memory() == {"allocated": 10 + 5 * rank, "reserved": 30 - 5 * rank}
+        assert hardware.peak_gpu_memory(over_processes=True) == {"allocated": 15, "reserved": 30}
     finally:
         dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
         dist.destroy_process_group()

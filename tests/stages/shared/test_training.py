@@ -3,6 +3,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,6 +148,36 @@ def test_progress_line_times_steps_not_the_checkpoint_write_after_them(caplog, m
     now[0] = 160.0  # then the checkpoint write
     cb.on_log(None, state, control, logs={"loss": 1.5, "train_runtime": 160.0})
     assert caplog.records[-1].getMessage().endswith("s/step=10.00")
+
+
+def test_progress_line_and_metrics_show_the_trainings_peak_gpu_memory(caplog, monkeypatch, tmp_path):
+    """On a GPU every line ends with this process's peak memory since training began (live / with the allocator's
+    cache), and the artifact's metrics hold it: nvidia-smi's reading alone could not say whether a step fits.
+    CUDA's counters are faked: this machine has none."""
+    caplog.set_level("INFO", logger="stages.shared.trainers")
+    peaks = {"allocated": 0, "reserved": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peaks.update(allocated=0, reserved=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: peaks["reserved"])
+    cb = trainers.ProgressCallback("grpo")
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 4, 0
+    peaks.update(allocated=50 * 2 ** 30, reserved=60 * 2 ** 30)  # the stage's loading, before training
+    cb.on_train_begin(None, state, control)
+    assert peaks == {"allocated": 0, "reserved": 0}
+    peaks.update(allocated=int(12.25 * 2 ** 30), reserved=20 * 2 ** 30)
+    state.global_step = 2
+    cb.on_log(None, state, control, logs={"reward": 0.5})
+    assert caplog.records[-1].getMessage().endswith("mem=12.2/20.0GiB")
+
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"step": 2, "reward": 0.5}], global_step=2),
+                              args=SimpleNamespace(output_dir=str(tmp_path / "ckpt")))
+    monkeypatch.setattr(trainers, "save_model",  # the save gathers weights after the read: not the training's
+                        lambda model, tokenizer, out: (Path(out).mkdir(parents=True), peaks.update(allocated=70 * 2 ** 30)))
+    metrics = trainers.finish(tmp_path / "out", None, None, trainer)
+    assert metrics["gpu_peak_allocated_gib"] == 12.25 and metrics["gpu_peak_reserved_gib"] == 20.0
 
 
 def test_plots_write_pngs(tmp_path):
