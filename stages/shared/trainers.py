@@ -767,9 +767,10 @@ def finish(output_dir: str | Path, model, tokenizer, trainer, *, rl: bool = Fals
         if runs.is_dir():
             shutil.copytree(runs, output_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
     metrics = logs.summarize(history)
-    metrics.update({f"gpu_peak_{k}_gib": v for k, v in memory.items()})
     metrics["global_step"] = int(trainer.state.global_step)
     metrics["resumed_from_step"] = int(getattr(trainer, "resumed_from", 0))
+    if metrics["global_step"] > metrics["resumed_from_step"]:  # resumed at its end, this process trained nothing
+        metrics.update({f"gpu_peak_{k}_gib": v for k, v in memory.items()})
     return metrics
 
 

@@ -178,6 +178,9 @@ def test_progress_line_and_metrics_show_the_trainings_peak_gpu_memory(caplog, mo
                         lambda model, tokenizer, out: (Path(out).mkdir(parents=True), peaks.update(allocated=70 * 2 ** 30)))
     metrics = trainers.finish(tmp_path / "out", None, None, trainer)
     assert metrics["gpu_peak_allocated_gib"] == 12.25 and metrics["gpu_peak_reserved_gib"] == 20.0
+    trainer.resumed_from = 2  # a rerun that resumed at the last step trains nothing: no peak to report (not ~0)
+    metrics = trainers.finish(tmp_path / "again", None, None, trainer)
+    assert "gpu_peak_allocated_gib" not in metrics and metrics["resumed_from_step"] == 2
 
 
 def test_plots_write_pngs(tmp_path):
