@@ -143,8 +143,14 @@ FAILURE_PATTERNS = [
     # clear: iostream error" (no errno in its message; seen when a reward model's optimizer state filled the disk)
     ("disk", re.compile(r"No space left on device|\[Errno 28\]|ENOSPC|inline_container\.cc:\d+\] \. unexpected pos|"
                         r"basic_ios::clear: iostream error")),
+    # vLLM's engine start (vLLM 0.25's messages): it needs gpu_memory_utilization x the GPU's memory free, counting
+    # the trainer's tensors beside a colocated engine as used; then its KV cache must fit in that share. The two call
+    # for opposite changes of the same key, so neither is read as plain memory
+    ("vllm_start", re.compile(r"on startup is less than desired GPU memory utilization")),
+    ("vllm_kv_cache", re.compile(r"No available memory for the cache blocks|larger than the available KV cache "
+                                 r"memory")),
     ("memory", re.compile(r"CUDA out of memory|OutOfMemoryError|can't allocate memory|Cannot allocate memory|"
-                          r"\bMemoryError\b|No available memory for the cache blocks")),
+                          r"\bMemoryError\b")),
     ("sigkill", re.compile(r"Signal 9 \(SIGKILL\)|exitcode\s*:\s*-9\b")),
     ("peer", re.compile(r"Connection (reset|closed) by peer|DistNetworkError|DistStoreError|Rendezvous\w*Error|"
                         r"Timed out waiting \d+ms|collective operation timeout|NCCL (error|timeout)")),
@@ -193,6 +199,15 @@ def failure_message(label: str, code: int, causes: dict[str, str], oom_before: d
         return (f"stage {label} ran out of disk space (ENOSPC: {causes['disk']}). Free space there ({free}), or point "
                 f"work_root (checkpoints) or artifacts_root / R1FLOW_CACHE (artifacts) at a larger disk. Nothing was "
                 f"published; a rerun resumes from the last complete checkpoint")
+    share = f"hardware.vllm.gpu_memory_utilization={(hardware.get('vllm') or {}).get('gpu_memory_utilization')}"
+    if "vllm_start" in causes:
+        return (f"stage {label}: vLLM's engine did not start ({causes['vllm_start']}). It needs {share} of the GPU "
+                f"free when it starts: lower that share below the free part the message shows, or free the GPU (another "
+                f"process on it; in the RL stages the trainer's policy and reward models are already there)")
+    if "vllm_kv_cache" in causes:
+        return (f"stage {label}: vLLM's KV cache does not fit its share of the GPU ({causes['vllm_kv_cache']}): raise "
+                f"{share} where the GPU has room, or generate shorter sequences (the stage's max_completion_length "
+                f"or max_tokens)")
     if "memory" in causes:
         return f"stage {label} ran out of memory ({causes['memory']}): {MEMORY_ADVICE}"
     if code == -signal.SIGKILL or "sigkill" in causes:

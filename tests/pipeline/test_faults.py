@@ -162,3 +162,31 @@ def test_torch_save_on_a_full_disk_is_read_as_a_full_disk():
     for line in lines:
         assert [kind for kind, pattern in runner.FAILURE_PATTERNS if pattern.search(line)] == ["disk"], line
     assert not any(pattern.search("RuntimeError: shape mismatch at pos 3") for _, pattern in runner.FAILURE_PATTERNS)
+
+
+# vLLM 0.25's own lines (vllm/v1/worker/utils.py, vllm/v1/core/kv_cache_utils.py)
+VLLM_START = ("ValueError: Free memory on device cuda:0 (24.1/79.2 GiB) on startup is less than desired GPU memory "
+              "utilization (0.5, 39.6 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")
+VLLM_KV_CACHE = ("ValueError: To serve at least one request with the model's max seq len (32768), (3.5 GiB KV cache is "
+                 "needed, which is larger than the available KV cache memory (1.2 GiB). Try increasing "
+                 "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.")
+
+
+def test_vllm_without_room_to_start_names_the_share_to_lower(tmp_path):
+    """The 7B alignment RL's engine starts beside the trainer's 40 GB per GPU; on an 80 GB card a larger share fails
+    with vLLM's own message, which tells the user nothing of r1flow's key."""
+    stage = _first_stage(tmp_path, tmp_path / "a", f"faults.raise_message='{VLLM_START}'",
+                         "+toy.first.hardware.vllm.gpu_memory_utilization=0.5")
+    message = _run_and_fail(stage, tmp_path / "a")
+    assert "vLLM's engine did not start" in message and "24.1/79.2 GiB" in message
+    assert "hardware.vllm.gpu_memory_utilization=0.5" in message and "lower that share" in message
+    assert "ran out of memory" not in message
+
+
+def test_a_kv_cache_too_small_asks_for_a_larger_share_not_a_smaller_one():
+    causes = {kind: VLLM_KV_CACHE for kind, pattern in runner.FAILURE_PATTERNS if pattern.search(VLLM_KV_CACHE)}
+    assert list(causes) == ["vllm_kv_cache"]
+    assert [kind for kind, pattern in runner.FAILURE_PATTERNS
+            if pattern.search("ValueError: No available memory for the cache blocks. Try increasing")] == ["vllm_kv_cache"]
+    message = runner.failure_message("evaluate@1", 1, causes, {}, {"vllm": {"gpu_memory_utilization": 0.3}}, [])
+    assert "raise hardware.vllm.gpu_memory_utilization=0.3" in message and "max_tokens" in message

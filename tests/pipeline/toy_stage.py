@@ -9,7 +9,7 @@ R1FLOW_TOY_SLEEP_S keeps the stage running after it wrote part of its output (a 
 
 Faults it can inject through cfg.faults (tests/pipeline/test_faults.py): join a memory cgroup and allocate more than it
 allows (the OOM killer), allocate under an address-space limit (MemoryError), write more than the disk holds
-(ENOSPC), SIGKILL itself.
+(ENOSPC), SIGKILL itself, or fail with a given message (a library's error line).
 """
 
 import os
@@ -72,3 +72,5 @@ def inject_faults(faults, output_dir):
                 f.write(b"\0" * (1 << 20))
     if faults.kill_self:
         os.kill(os.getpid(), signal.SIGKILL)
+    if faults.raise_message:
+        raise ValueError(faults.raise_message)
