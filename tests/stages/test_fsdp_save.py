@@ -155,6 +155,51 @@ def test_fsdp_reference_checkpoint_gathers_once_and_loads_back_into_the_shards(t
     assert [p.name for p in checkpoint.iterdir()] == [trainers.REFERENCE_FILE]  # no temporary file left
 
 
+def _bf16_reference_worker(rank: int, world: int, store: str, checkpoint: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from transformers import AutoModelForCausalLM
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        plugin.set_mixed_precision("bf16")  # what `accelerate launch --mixed_precision bf16` gives FSDP2
+        mesh = init_device_mesh("cpu", (world,))
+        ids = torch.tensor([[3, 5, 7, 9, 11, 13, 2, 4], [4, 6, 8, 10, 12, 14, 16, 18]])
+        logits = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=plugin.mixed_precision_policy)
+            fully_shard(model, mesh=mesh, mp_policy=plugin.mixed_precision_policy)
+            with torch.no_grad():
+                logits[dtype] = model(input_ids=ids).logits
+        assert torch.equal(logits[torch.float32], logits[torch.bfloat16])
+        assert logits[torch.float32].abs().sum() > 0
+    finally:
+        dist.barrier()  # leave together: a process tearing gloo down while its peer still works can abort
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
+def test_under_fsdp_bf16_mixed_precision_a_bf16_reference_gives_the_fp32_ones_logits(tmp_path):
+    """Why trainers.grpo_args loads GRPO's reference in bf16 under FSDP: accelerate's bf16 policy casts every gathered
+    parameter to bf16 for the forward, so the fp32 checkpoint stored in bf16 computes the same logits bit for bit."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    model, tokenizer = _model_and_tokenizer(seed=3)
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    mp.spawn(_bf16_reference_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "policy")), nprocs=2, join=True)
+
+
 def _load_worker(rank: int, world: int, store: str, checkpoint: str, env: dict, out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file

@@ -55,6 +55,23 @@ def test_the_reference_model_loads_whole_on_each_process_under_several(tmp_path,
     assert _args(tmp_path, [("gradient_accumulation_steps", 1)], revision="abc123").model_init_kwargs is None  # beta 0
 
 
+def test_under_fsdp_with_bf16_the_reference_is_stored_in_bf16(tmp_path, monkeypatch):
+    """FSDP's bf16 mixed precision computes the reference in bf16 whatever it is stored in (the two-process test in
+    tests/stages/test_fsdp_save.py: the same logits bit for bit), so it loads in bf16: half its memory. One process
+    (fp32 weights under autocast) and fp32 compute keep TRL's fp32 reference."""
+    kl = ["reasoning_grpo.beta=0.001", "reasoning_grpo.gradient_accumulation_steps=1"]
+
+    def reference(*overrides):
+        cfg = compose_config([*kl, *overrides]).reasoning_grpo
+        return trainers.grpo_args(cfg, tmp_path).model_init_kwargs or {}
+
+    assert "dtype" not in reference("hardware=gpu")
+    monkeypatch.setattr(trainers, "world_size", lambda: 4)
+    assert reference("hardware=multi_gpu") == {"device_map": None, "dtype": "bfloat16"}
+    assert "dtype" not in reference("hardware=multi_gpu", "hardware.bf16=false")
+    assert "dtype" not in reference("hardware=multi_gpu", "hardware.fsdp=''")  # several processes without FSDP: DDP
+
+
 def test_completions_are_capped_at_the_context_after_the_prompt(tmp_path):
     args = _args(tmp_path, [("max_completion_length", 8192)], longest_prompt=200, context=4096)
     assert args.max_completion_length == 3896
