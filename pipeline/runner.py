@@ -202,8 +202,8 @@ def failure_message(label: str, code: int, causes: dict[str, str], oom_before: d
     share = f"hardware.vllm.gpu_memory_utilization={(hardware.get('vllm') or {}).get('gpu_memory_utilization')}"
     if "vllm_start" in causes:
         return (f"stage {label}: vLLM's engine did not start ({causes['vllm_start']}). It needs {share} of the GPU "
-                f"free when it starts: lower that share below the free part the message shows, or free the GPU (another "
-                f"process on it; in the RL stages the trainer's policy and reward models are already there)")
+                f"free when it starts: lower that share below the free part the message shows, or free the GPU "
+                f"(another process on it; in the RL stages the trainer's policy and reward models are already there)")
     if "vllm_kv_cache" in causes:
         return (f"stage {label}: vLLM's KV cache does not fit its share of the GPU ({causes['vllm_kv_cache']}): raise "
                 f"{share} where the GPU has room, or generate shorter sequences (the stage's max_completion_length "

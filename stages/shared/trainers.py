@@ -40,8 +40,8 @@ from transformers import TrainerCallback
 
 from stages.shared import logs, progress
 from stages.shared.errors import UserError
-from stages.shared.hardware import (hardware_args, is_main_process, model_dtype, on_cpu, peak_gpu_memory, release_memory,
-                                    reset_peak_gpu_memory, world_size)
+from stages.shared.hardware import (hardware_args, is_main_process, model_dtype, on_cpu, peak_gpu_memory,
+                                    release_memory, reset_peak_gpu_memory, world_size)
 
 log = logging.getLogger(__name__)
 
@@ -636,11 +636,14 @@ def grpo_args(cfg, checkpoint_dir, reward_weights: list[float] | None = None, re
             # tensors to be on the same device" at the first reference forward). None: loaded on the CPU, then
             # sharded onto this process's GPU with the policy
             reference["device_map"] = None
-            if cfg.hardware.bf16 and cfg.hardware.get("fsdp"):
+            mixing = bool(cfg.sync_ref_model) and float(cfg.ref_model_mixup_alpha) < 1.0
+            if cfg.hardware.bf16 and cfg.hardware.get("fsdp") and not mixing:
                 # TRL builds the reference in the policy's dtype (fp32 master weights). Under FSDP with bf16 mixed
                 # precision accelerate casts every gathered parameter to bf16 for the forward, so a reference stored
                 # in bf16 computes the same logits bit for bit (tests/stages/test_fsdp_save.py) in half the memory:
-                # 3.8 GB less per GPU for a 7B on 4, which the 7B alignment RL needs beside vLLM on 80 GB cards
+                # 3.8 GB less per GPU for a 7B on 4, which the 7B alignment RL needs beside vLLM on 80 GB cards. Not
+                # where TRL mixes the policy into it (alpha < 1): each mix would round to bf16 (a reset, alpha 1, is
+                # the same cast FSDP makes)
                 reference["dtype"] = "bfloat16"
         if reference:
             fields["model_init_kwargs"] = reference

@@ -166,7 +166,8 @@ def test_torch_save_on_a_full_disk_is_read_as_a_full_disk():
 
 # vLLM 0.25's own lines (vllm/v1/worker/utils.py, vllm/v1/core/kv_cache_utils.py)
 VLLM_START = ("ValueError: Free memory on device cuda:0 (24.1/79.2 GiB) on startup is less than desired GPU memory "
-              "utilization (0.5, 39.6 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")
+              "utilization (0.5, 39.6 GiB). Decrease GPU memory utilization or reduce GPU memory used by other "
+              "processes.")
 VLLM_KV_CACHE = ("ValueError: To serve at least one request with the model's max seq len (32768), (3.5 GiB KV cache is "
                  "needed, which is larger than the available KV cache memory (1.2 GiB). Try increasing "
                  "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.")
@@ -186,7 +187,7 @@ def test_vllm_without_room_to_start_names_the_share_to_lower(tmp_path):
 def test_a_kv_cache_too_small_asks_for_a_larger_share_not_a_smaller_one():
     causes = {kind: VLLM_KV_CACHE for kind, pattern in runner.FAILURE_PATTERNS if pattern.search(VLLM_KV_CACHE)}
     assert list(causes) == ["vllm_kv_cache"]
-    assert [kind for kind, pattern in runner.FAILURE_PATTERNS
-            if pattern.search("ValueError: No available memory for the cache blocks. Try increasing")] == ["vllm_kv_cache"]
+    none_left = "ValueError: No available memory for the cache blocks. Try increasing"
+    assert [kind for kind, pattern in runner.FAILURE_PATTERNS if pattern.search(none_left)] == ["vllm_kv_cache"]
     message = runner.failure_message("evaluate@1", 1, causes, {}, {"vllm": {"gpu_memory_utilization": 0.3}}, [])
     assert "raise hardware.vllm.gpu_memory_utilization=0.3" in message and "max_tokens" in message

@@ -70,6 +70,10 @@ def test_under_fsdp_with_bf16_the_reference_is_stored_in_bf16(tmp_path, monkeypa
     assert reference("hardware=multi_gpu") == {"device_map": None, "dtype": "bfloat16"}
     assert "dtype" not in reference("hardware=multi_gpu", "hardware.bf16=false")
     assert "dtype" not in reference("hardware=multi_gpu", "hardware.fsdp=''")  # several processes without FSDP: DDP
+    reset = reference("hardware=multi_gpu", "reasoning_grpo.sync_ref_model=true")  # alpha 1: the policy copied over
+    assert reset["dtype"] == "bfloat16"
+    mixed = ("hardware=multi_gpu", "reasoning_grpo.sync_ref_model=true", "reasoning_grpo.ref_model_mixup_alpha=0.6")
+    assert "dtype" not in reference(*mixed)  # each mix of the policy into it would round to bf16
 
 
 def test_completions_are_capped_at_the_context_after_the_prompt(tmp_path):

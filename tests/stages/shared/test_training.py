@@ -175,7 +175,8 @@ def test_progress_line_and_metrics_show_the_trainings_peak_gpu_memory(caplog, mo
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"step": 2, "reward": 0.5}], global_step=2),
                               args=SimpleNamespace(output_dir=str(tmp_path / "ckpt")))
     monkeypatch.setattr(trainers, "save_model",  # the save gathers weights after the read: not the training's
-                        lambda model, tokenizer, out: (Path(out).mkdir(parents=True), peaks.update(allocated=70 * 2 ** 30)))
+                        lambda model, tokenizer, out: (Path(out).mkdir(parents=True),
+                                                       peaks.update(allocated=70 * 2 ** 30)))
     metrics = trainers.finish(tmp_path / "out", None, None, trainer)
     assert metrics["gpu_peak_allocated_gib"] == 12.25 and metrics["gpu_peak_reserved_gib"] == 20.0
     trainer.resumed_from = 2  # a rerun that resumed at the last step trains nothing: no peak to report (not ~0)
