@@ -722,10 +722,10 @@ merged_sft_alignment.alignment.max_steps=1 merged_sft_alignment.alignment.prompt
 merged_sft_alignment.alignment.gradient_accumulation_steps=32 merged_sft_alignment.alignment.preference_rewards_from=0 \
 merged_sft_alignment.alignment.eval_general_prompts=1 evaluate.max_questions=2 artifacts_root=/tmp/art_7b \
 work_root=/tmp/work_7b"
-r7_part() {  # $1: a name for the logs, $2: --stages
+r7_part() {  # $1: a name for the logs, $2: --stages, then more overrides; R7_VLLM_UTIL: vLLM's share (40 GB's)
   local name=$1 stages=$2 t=$(date +%s)
-  timeout 1500 python benchmarks/stage_times.py --run --stages $stages $R1_7B \
-    hardware.vllm.gpu_memory_utilization=$(vllm_40gb) --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  timeout 1500 python benchmarks/stage_times.py --run --stages $stages $R1_7B "${@:3}" \
+    hardware.vllm.gpu_memory_utilization=${R7_VLLM_UTIL:-$(vllm_40gb)} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== 7B $name rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/$name.log"
   return $rc
@@ -796,17 +796,12 @@ vllm_h100_share() {  # the gpu_memory_utilization that gives vLLM what $1 of an 
 r1_7b_aligned() {
   [ "$(cat /tmp/jobs/fx.rc)" = 0 ] || return 1
   export PYTHONPATH=$PWD:$PYTHONPATH
-  local t=$(date +%s) version rc
+  local version
   version=$(python benchmarks/long_rows_dataset.py --root /tmp/art_7b --tokenizer /tmp/fx/qwen2.5-math-7b --rows 16 \
     --tokens 3800) || return 1
   echo "== pinned rejection_sampling@$version"
-  timeout 1500 python benchmarks/stage_times.py --run \
-    --stages base,helpfulness_rm,harmlessness_rm,merged_sft_alignment,eval_final $R1_7B \
-    +recipe.pins.rejection_sampling=$version hardware.vllm.gpu_memory_utilization=$(vllm_h100_share 0.45) \
-    --json "$OUT/aligned.json" > "$OUT/aligned.log" 2>&1
-  rc=$?
-  echo "== 7B aligned rc=$rc in $(( $(date +%s) - t )) s; disk: $(df -h /tmp | tail -n 1)" | tee -a "$OUT/aligned.log"
-  return $rc
+  R7_VLLM_UTIL=$(vllm_h100_share 0.45) r7_part aligned base,helpfulness_rm,harmlessness_rm,merged_sft_alignment,eval_final \
+    +recipe.pins.rejection_sampling=$version
 }
 lease12_first() {
   vsetup
