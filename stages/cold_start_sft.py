@@ -3,10 +3,10 @@
 The samples are conversations (`messages`: the user's question, then the assistant's `<think>` reasoning and summary).
 The user turn is rendered with the same template the RL stage prompts with (cfg.template), so SFT and RL see the same
 prompts. The loss falls on the assistant part only (assistant_only_loss: the chat template marks it with
-{% generation %}), batches are padded on CPU (group_by_length keeps the padding small) or packed padding-free where
-cfg.packing is on (GPU). LoRA is optional (cfg.lora.enabled) and merged into a plain checkpoint at the end, so the
-next stage and vLLM load it without peft. Logs loss and token accuracy; metrics hold the held-out accuracy and format
-rate of the input model and of the result.
+{% generation %}). Batches are padded on CPU (grouped by length to keep the padding small), padding-free rows drawn at
+random on a GPU (hardware.padding_free), or best-fit packed where cfg.packing is on. LoRA is optional
+(cfg.lora.enabled) and merged into a plain checkpoint at the end, so the next stage and vLLM load it without peft.
+Logs loss and token accuracy; metrics hold the held-out accuracy and format rate of the input model and of the result.
 """
 
 from __future__ import annotations

@@ -10,11 +10,19 @@
   longest sample. The samples per step, the loss and its normalisation (mean over the batch's completion tokens) stay
   what they are with padding: it changes how the step computes, not what (hardware stays out of stage versions).
 - `compile: true` (`compile_for_training`, SFT stages): `torch.compile` of each decoder layer for training (regional
-  compilation: one graph reused by all layers, compiled once, no graph break at the LM head); `uncompile()` returns
-  the plain modules for generation afterwards.
+  compilation: one graph reused by all layers, compiled once, no graph break at the LM head); `undo_for_training()`
+  returns the plain modules for generation afterwards.
+- `residual_dtype: bfloat16` (`bf16_residual_for_training`, SFT stages): with fp32 master weights under bf16 autocast,
+  the embeddings' output is cast to bf16, so the residual stream between the layers is bf16, as FSDP's bf16 policy and
+  bf16 weights have it. Autocast alone keeps it fp32 (neither the embedding lookup nor the residual adds are autocast
+  ops), which doubles the bytes of every norm and add and of the activations kept for the backward: the SFT benchmark
+  ran 13-22% slower and held 2 GB more on an H100 (benchmarks/README.md, the thirteenth lease). The matmuls are bf16
+  either way; the weights, their gradients and AdamW stay fp32.
 - `liger_kernels: true`: Liger's Triton RMSNorm, SwiGLU and RoPE (TRL `use_liger_kernel`) for the trainers that are not
   compiled (GRPO, reward models: they also generate or score with the model). The LM head and loss are TRL's own fused,
   chunked head either way.
+- `varlen_kernel: auto` (`resolve_varlen_kernel`, with configure_attention): the padding-free attention runs
+  FlashAttention's CuTe-DSL kernels (FA3-class, `fa_cute_fn`) on a Hopper GPU where vLLM ships them, else PyTorch's.
 - `cudnn_attention: false` (`configure_attention`, every training stage): PyTorch's SDPA may not pick cuDNN's attention
   kernels. Their backward returns NaN gradients for padded batches of some lengths (below); padded batches then run
   the memory-efficient kernel, padding-free ones flash attention as before.
@@ -25,10 +33,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 from typing import Mapping
 
 import torch
 
+from stages.shared.errors import UserError
 from stages.shared.hardware import on_cpu
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,9 @@ log = logging.getLogger(__name__)
 VARLEN = "sdpa_varlen"
 _registered = False
 _cu_cache: dict = {}
+_residual_hooks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its residual cast's handle
+VARLEN_KERNELS = ("auto", "torch", "fa_cute")
+_varlen_kernel = "torch"  # hardware.varlen_kernel as configure_attention resolved it for this process
 
 
 @functools.cache  # called by every layer's forward: the import and the signature are read once
@@ -59,6 +72,95 @@ def varlen_fn():
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
 
     return attend
+
+
+def varlen_kernel_op(namespace: str, forward, backward, device_type: str = "cuda"):
+    """A varlen attention function (varlen_fn's signature) over a forward and a backward kernel with FlashAttention's
+    arguments, `forward(q, k, v, cu, max_len, scale) -> (out, lse)` and `backward(q, k, v, out, dout, lse, cu,
+    max_len, scale) -> (dq, dk, dv)`, as torch custom ops `namespace::fwd` / `namespace::bwd` with an autograd
+    formula, so the per-layer torch.compile traces through them instead of breaking its graph."""
+
+    @torch.library.custom_op(f"{namespace}::fwd", mutates_args=(), device_types=device_type)
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(q, k, v, cu, max_len, scale)
+
+    @fwd.register_fake
+    def _(q, k, v, cu, max_len, scale):
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+        return out, q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)  # lse: (heads, tokens)
+
+    @torch.library.custom_op(f"{namespace}::bwd", mutates_args=(), device_types=device_type)
+    def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+            lse: torch.Tensor, cu: torch.Tensor, max_len: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward(q, k, v, out, dout, lse, cu, max_len, scale)
+
+    @bwd.register_fake
+    def _(q, k, v, out, dout, lse, cu, max_len, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu, max_len, scale = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
+        ctx.max_len, ctx.scale = max_len, scale
+
+    def backward_formula(ctx, dout, dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        return (*bwd(q, k, v, out, dout.contiguous(), lse, cu, ctx.max_len, ctx.scale), None, None, None)
+
+    fwd.register_autograd(backward_formula, setup_context=setup_context)
+
+    def attend(q, k, v, cu, max_len, scale):
+        return fwd(q, k, v, cu, max_len, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
+
+    return attend
+
+
+@functools.cache
+def fa_cute_fn():
+    """FlashAttention's CuTe-DSL kernels for packed (T, H, D) rows, forward and backward, causal, GQA natively:
+    FA3-class on Hopper (sm90), where the SFT benchmark's GPU work was 5% less than with PyTorch's FA2-class kernel and
+    the step 3.4% faster (their per-call Python then keeps the GPU waiting; benchmarks/README.md, the thirteenth
+    lease). vLLM (0.25) ships them as vllm.vllm_flash_attn.cute; they need nvidia-cutlass-dsl (a vLLM dependency) and
+    quack-kernels. None where they do not import. The interface's forward/backward are what its own autograd Function
+    calls, wrapped here so torch.compile can trace them."""
+    try:
+        from vllm.vllm_flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+    except Exception as e:  # not installed, or the DSL does not load
+        log.debug("FlashAttention CuTe-DSL kernels unavailable: %s: %s", type(e).__name__, e)
+        return None
+
+    def forward(q, k, v, cu, max_len, scale):
+        return _flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                               softmax_scale=scale, causal=True, return_lse=True)
+
+    def backward(q, k, v, out, dout, lse, cu, max_len, scale):
+        return _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, 0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                               max_seqlen_q=max_len, max_seqlen_k=max_len)
+
+    return varlen_kernel_op("r1flow_fa_cute", forward, backward)
+
+
+def resolve_varlen_kernel(hardware: Mapping) -> str:
+    """hardware.varlen_kernel: the kernel of the padding-free attention. `fa_cute` (fa_cute_fn) or `torch` (PyTorch's
+    varlen flash kernel); `auto`: fa_cute on a Hopper GPU where it imports, else torch. UserError for fa_cute where it
+    cannot run."""
+    choice = str(hardware["varlen_kernel"])
+    if choice not in VARLEN_KERNELS:
+        raise UserError(f"hardware.varlen_kernel={choice!r}: use one of {', '.join(VARLEN_KERNELS)}")
+    if choice == "torch" or on_cpu(hardware):
+        return "torch"
+    importable = fa_cute_fn() is not None
+    hopper = importable and torch.cuda.get_device_capability()[0] == 9
+    if hopper:
+        return "fa_cute"
+    if choice == "fa_cute":
+        raise UserError("hardware.varlen_kernel=fa_cute: FlashAttention's CuTe-DSL kernels need a Hopper GPU (sm90) "
+                        "and vllm.vllm_flash_attn.cute with its dependencies (pip install vllm nvidia-cutlass-dsl "
+                        f"quack-kernels); {'this GPU is not sm90' if importable else 'they do not import here'}. "
+                        "Fix: hardware.varlen_kernel=auto (or torch)")
+    return "torch"
 
 
 def _segments(kwargs: dict, q_len: int):
@@ -96,7 +198,8 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if attention_mask is None and query.shape[0] == 1 and q_len > 1 and key.shape[2] == q_len:
         seg = _segments(kwargs, q_len)
         if seg is not None:
-            attend = varlen_fn() if query.is_cuda and dropout == 0.0 else None
+            attend = (fa_cute_fn() if _varlen_kernel == "fa_cute" else varlen_fn()) \
+                if query.is_cuda and dropout == 0.0 else None
             low = _flash_dtype(query.dtype)
             if attend is not None and low is not None:
                 cu, max_len = seg
@@ -219,11 +322,36 @@ def compile_for_training(model, hardware: Mapping) -> bool:
     return True
 
 
-def uncompile(model):
-    """Undo compile_for_training (generation after training runs the plain modules)."""
+def bf16_residual_for_training(model, hardware: Mapping) -> bool:
+    """hardware.residual_dtype: bfloat16 casts the input embeddings' output to the autocast dtype while autocast is on
+    (training); float32 leaves autocast's fp32 residual stream. Returns whether the cast was added (on CPU never).
+    Outside autocast (generation, evaluation) the hook passes the output through; `undo_for_training` removes it."""
+    dtype = str(hardware["residual_dtype"])
+    if dtype not in ("bfloat16", "float32"):
+        raise UserError(f"hardware.residual_dtype={dtype!r}: use bfloat16 (the residual stream in bf16 under bf16 "
+                        f"autocast) or float32 (as autocast leaves it)")
+    if dtype == "float32" or on_cpu(hardware):
+        return False
+
+    def cast(module, args, output):
+        kind = output.device.type
+        if torch.is_autocast_enabled(kind) and output.dtype == torch.float32:
+            return output.to(torch.get_autocast_dtype(kind))
+        return None
+
+    _residual_hooks[model] = model.get_input_embeddings().register_forward_hook(cast)
+    return True
+
+
+def undo_for_training(model):
+    """Undo compile_for_training and bf16_residual_for_training: generation and saving after training run the plain
+    modules (and a reference model compared with this one sees the same numerics)."""
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+    hook = _residual_hooks.pop(model, None)
+    if hook is not None:
+        hook.remove()
     return model
 
 
@@ -238,8 +366,13 @@ def configure_attention(hardware: Mapping) -> bool:
     alike, and autograd's anomaly mode named ScaledDotProductCudnnAttentionBackward0; benchmarks/cudnn_sdpa_nan.py
     reduces it to one padded forward/backward, NaN at lengths 64 and 192 with cuDNN, none without
     (benchmarks/README.md)."""
+    global _varlen_kernel
+    _varlen_kernel = resolve_varlen_kernel(hardware)
     if on_cpu(hardware):
         return False
+    if _varlen_kernel != "torch":
+        log.info("padding-free attention: FlashAttention's CuTe-DSL kernels (hardware.varlen_kernel=%s)",
+                 hardware["varlen_kernel"])
     allowed = bool(hardware["cudnn_attention"])
     torch.backends.cuda.enable_cudnn_sdp(allowed)
     return allowed

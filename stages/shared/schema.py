@@ -52,7 +52,9 @@ class HardwareConfig:
     optim: str = MISSING
     vllm: HardwareVllmConfig = MISSING
     weights_dtype: str = MISSING
+    residual_dtype: str = MISSING    # bfloat16 | float32: SFT's residual stream under bf16 autocast on fp32 weights
     cudnn_attention: bool = MISSING
+    varlen_kernel: str = MISSING     # auto | torch | fa_cute: the padding-free attention's kernel
     padding_free: bool = MISSING
     compile: Any = MISSING           # true | layers | backbone | false
     liger_kernels: bool = MISSING

@@ -453,7 +453,7 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
     try:
         train(trainer, ckpt)
     finally:
-        attention.uncompile(model)  # generation and saving afterwards run the plain modules
+        attention.undo_for_training(model)  # generation and saving afterwards run the plain modules
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
         model = model.merge_and_unload()
@@ -475,14 +475,21 @@ def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *
     """
     from trl import SFTConfig, SFTTrainer
 
-    from stages.shared import models, templates
+    from stages.shared import attention, models, templates
 
+    hardware = cfg["hardware"]
+    attention.set_attention(model, hardware["attn_implementation"])  # models built in-stage (base) too
     packing = cfg["packing"]
+    # GPU (conf/hardware/gpu.yaml, stages/shared/attention.py): padding-free batches through varlen attention
+    padding_free = not packing and attention.use_padding_free(hardware, model)
     knobs: dict = {}
     if packing is True:
         knobs["packing_strategy"] = "bfd"
-    elif not packing:  # padded batches: similar lengths together, less padding
+    elif not padding_free:  # padded batches: similar lengths together, less padding
         knobs["train_sampling_strategy"] = "group_by_length"
+    # Padding-free batches have no padding to save, so they are drawn at random: grouped by length, the steps ran from
+    # ~4k tokens (the GPU waiting on the host) to ~65k (the memory peak), 17% slower and 20 GB more on an H100
+    # (benchmarks/README.md, the thirteenth lease)
     knobs.update(fields)
     if "text" in dataset.column_names and "messages" not in dataset.column_names:
         knobs["assistant_only_loss"] = False
@@ -497,15 +504,10 @@ def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *
         log.info("%s: EOS %s -> %s (the chat template's end of turn)", name, tokenizer.eos_token, end_of_turn)
         knobs["eos_token"] = end_of_turn
     ckpt = Path(work_dir) / CHECKPOINT_DIR
-    # GPU (conf/hardware/gpu.yaml, stages/shared/attention.py): padding-free batches through varlen attention, compiled layers
-    from stages.shared import attention
-
-    hardware = cfg["hardware"]
-    attention.set_attention(model, hardware["attn_implementation"])  # models built in-stage (base) too
-    collator = attention.padding_free_collator(tokenizer) if not packing and \
-        attention.use_padding_free(hardware, model) else None
+    collator = attention.padding_free_collator(tokenizer) if padding_free else None
     if attention.compile_for_training(model, hardware):
         knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
+    attention.bf16_residual_for_training(model, hardware)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
     return build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, data_collator=collator,

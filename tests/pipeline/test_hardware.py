@@ -236,9 +236,120 @@ def test_gpu_settings_are_inert_on_cpu(monkeypatch):
     assert attention.set_attention(model, hw["attn_implementation"]) == "sdpa"  # no varlen flash attention without CUDA
     assert not attention.use_padding_free(hw, model)
     assert not attention.compile_for_training(model, hw)
+    assert not attention.bf16_residual_for_training(model, hw)
+    assert attention.resolve_varlen_kernel(hw) == "torch"
     args = hardware.hardware_args(hw)
     assert args["use_cpu"] and not args["bf16"] and not args["dataloader_pin_memory"]
     assert args["dataloader_num_workers"] == 0 and not args.get("use_liger_kernel")
+
+
+def test_sft_keeps_the_residual_stream_in_bf16_under_autocast_and_drops_the_cast_after(monkeypatch):
+    """hardware.residual_dtype=bfloat16: with fp32 weights under bf16 autocast the layers pass bf16 hidden states (as
+    FSDP's bf16 policy does), where autocast alone passes fp32; outside autocast, and after training, nothing changes."""
+    from stages.shared import attention
+    from stages.shared.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CPU's autocast stands in for CUDA's
+    model = _tiny_model()
+    seen = []
+    for layer in (model.model.layers[0], model.model.layers[-1]):
+        layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).dtype), with_kwargs=True)
+    ids = torch.randint(3, 64, (1, 9))
+
+    def forward(autocast: bool):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits.float()
+        return logits, list(seen)
+
+    fp32_residual, dtypes = forward(True)
+    assert dtypes == [torch.float32] * 2
+    assert attention.bf16_residual_for_training(model, {"device": "cuda", "residual_dtype": "bfloat16"})
+    bf16_residual, dtypes = forward(True)
+    assert dtypes == [torch.bfloat16] * 2
+    assert (bf16_residual - fp32_residual).abs().max() < 0.05 * fp32_residual.abs().max()  # the same model, rounded
+    assert forward(False)[1] == [torch.float32] * 2
+    attention.undo_for_training(model)
+    assert torch.equal(forward(True)[0], fp32_residual)
+    assert not attention.bf16_residual_for_training(model, {"device": "cuda", "residual_dtype": "float32"})
+    with pytest.raises(UserError, match="hardware.residual_dtype='fp16'"):
+        attention.bf16_residual_for_training(model, {"device": "cuda", "residual_dtype": "fp16"})
+
+
+def _naive_varlen(q, k, v, cu, scale):
+    """Causal attention of each packed sequence alone, GQA by repeating the KV heads: (out, lse) as FlashAttention's."""
+    rep = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = q[a:b].transpose(0, 1), k[a:b].repeat_interleave(rep, 1).transpose(0, 1), \
+            v[a:b].repeat_interleave(rep, 1).transpose(0, 1)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        lses.append(scores.logsumexp(-1))
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def test_a_varlen_kernel_pair_becomes_one_differentiable_op_that_compiles():
+    """varlen_kernel_op (how the FlashAttention CuTe-DSL kernels reach the compiled layers) with a reference kernel pair:
+    the op's output and its q/k/v gradients, eager and through torch.compile, are the reference's (GQA, 3 sequences)."""
+    from stages.shared import attention
+
+    def forward(q, k, v, cu, max_len, scale):
+        return tuple(t.detach() for t in _naive_varlen(q, k, v, cu, scale))
+
+    def backward(q, k, v, out, dout, lse, cu, max_len, scale):  # by hand: autograd does not run inside a custom op
+        rep = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            qs, os_, dos = (t[a:b].transpose(0, 1) for t in (q, out, dout))
+            ks, vs = (t[a:b].repeat_interleave(rep, 1).transpose(0, 1) for t in (k, v))
+            p = ((qs @ ks.transpose(1, 2)) * scale - lse[:, a:b, None]).exp().tril()
+            ds = p * (dos @ vs.transpose(1, 2) - (dos * os_).sum(-1, keepdim=True)) * scale
+            dq[a:b] = (ds @ ks).transpose(0, 1)
+            n = k.shape[1]  # the query heads of one KV head summed
+            dk[a:b] = (ds.transpose(1, 2) @ qs).reshape(n, rep, b - a, -1).sum(1).transpose(0, 1)
+            dv[a:b] = (p.transpose(1, 2) @ dos).reshape(n, rep, b - a, -1).sum(1).transpose(0, 1)
+        return dq, dk, dv
+
+    attend = attention.varlen_kernel_op("r1flow_test_varlen", forward, backward, device_type="cpu")
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 7, 16], dtype=torch.int32)
+    q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    dout = torch.randn(16, 4, 8)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout)
+        return out.detach(), [t.grad for t in leaves]
+
+    ref_out, ref_grads = grads(lambda q, k, v: _naive_varlen(q, k, v, cu, 8 ** -0.5)[0])
+    for fn in (attend, torch.compile(attend, backend="aot_eager", fullgraph=True)):
+        out, got = grads(lambda q, k, v: fn(q, k, v, cu, 9, None))
+        torch.testing.assert_close(out, ref_out)
+        for g, r in zip(got, ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+def test_the_varlen_kernel_setting_is_checked_and_falls_back_where_fa_cute_cannot_run(monkeypatch):
+    from stages.shared import attention
+    from stages.shared.errors import UserError
+
+    assert attention.resolve_varlen_kernel({"device": "cpu", "varlen_kernel": "auto"}) == "torch"
+    with pytest.raises(UserError, match="hardware.varlen_kernel='fa3'"):
+        attention.resolve_varlen_kernel({"device": "cuda", "varlen_kernel": "fa3"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(attention, "fa_cute_fn", lambda: None)  # vLLM's CuTe kernels not importable
+    assert attention.resolve_varlen_kernel({"device": "cuda", "varlen_kernel": "auto"}) == "torch"
+    with pytest.raises(UserError, match="varlen_kernel=fa_cute.*Fix: hardware.varlen_kernel=auto"):
+        attention.resolve_varlen_kernel({"device": "cuda", "varlen_kernel": "fa_cute"})
+    monkeypatch.setattr(attention, "fa_cute_fn", lambda: (lambda *a: None))
+    assert attention.resolve_varlen_kernel({"device": "cuda", "varlen_kernel": "auto"}) == "fa_cute"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100: not Hopper
+    assert attention.resolve_varlen_kernel({"device": "cuda", "varlen_kernel": "auto"}) == "torch"
 
 
 def test_compile_mode_is_checked(monkeypatch):

@@ -211,6 +211,21 @@ def _smoke_sft_trainer(smoke_base, work_dir, **overrides):
     return trainers.sft_trainer(cfg, model, tok, data, work_dir, name="cold_start_sft")
 
 
+def test_padding_free_batches_are_drawn_at_random_padded_ones_grouped_by_length(smoke_base, tmp_path, monkeypatch):
+    """Grouping by length saves padding only where batches are padded. Padding-free rows (a GPU's default) are drawn at
+    random: grouped, the SFT benchmark's steps on an H100 ran from ~4k tokens to ~65k, 17% slower, 20 GB more."""
+    from stages.shared import attention
+
+    padded = _smoke_sft_trainer(smoke_base, tmp_path / "padded", max_steps=1)
+    assert padded.args.train_sampling_strategy == "group_by_length"
+    assert not getattr(padded.data_collator, "padding_free", False)
+    monkeypatch.setattr(attention, "use_padding_free", lambda hardware, model=None: True)
+    free = _smoke_sft_trainer(smoke_base, tmp_path / "free", max_steps=1)
+    assert free.args.train_sampling_strategy == "random" and free.data_collator.padding_free
+    packed = _smoke_sft_trainer(smoke_base, tmp_path / "packed", max_steps=1, packing=True)
+    assert packed.args.train_sampling_strategy == "random" and packed.args.packing_strategy == "bfd"
+
+
 class CheckpointSizes(TrainerCallback):
     """The bytes and files of each checkpoint as it is saved (before the next one replaces it)."""
 
