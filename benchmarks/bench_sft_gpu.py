@@ -39,6 +39,7 @@ N_ROWS = 2048
 WARM = 6          # steps before timing (compilation, allocator warm-up)
 TIMED = 20
 PROFILED = 3      # steps under torch.profiler after the timed ones (profile=True)
+SYNC_DEBUG_STEP = 4  # the warm-up step whose host syncs are listed (sync_debug=True), after compilation
 OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench_sft_"))
 
 
@@ -98,9 +99,10 @@ def _count_tokens(inputs) -> int:
 class Meter:
     """Times steps [WARM, WARM+TIMED) with CUDA syncs and counts their real tokens; profiles PROFILED steps after."""
 
-    def __init__(self, name, profile=False):
-        self.name, self.profile = name, profile
+    def __init__(self, name, profile=False, sync_debug=False):
+        self.name, self.profile, self.sync_debug = name, profile, sync_debug
         self.tokens = 0
+        self.step_tokens: list[int] = []  # the timed steps' token counts: how even the batches are
         self.t0 = self.dt = None
         self.prof = None
 
@@ -111,6 +113,8 @@ class Meter:
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
+                if meter.sync_debug and state.global_step == SYNC_DEBUG_STEP:
+                    meter.start_sync_debug()
                 if state.global_step == WARM:
                     torch.cuda.synchronize()
                     meter.t0 = time.perf_counter()
@@ -118,6 +122,8 @@ class Meter:
                     meter.start_profile()
 
             def on_step_end(self, args, state, control, **kw):
+                if meter.sync_debug and state.global_step == SYNC_DEBUG_STEP + 1:
+                    meter.stop_sync_debug()
                 if state.global_step == WARM + TIMED:
                     torch.cuda.synchronize()
                     meter.dt = time.perf_counter() - meter.t0
@@ -132,10 +138,40 @@ class Meter:
 
         def step(model, inputs, *a, **k):
             if WARM <= trainer.state.global_step < WARM + TIMED:
-                self.tokens += _count_tokens(inputs)
+                self.step_tokens.append(_count_tokens(inputs))
+                self.tokens += self.step_tokens[-1]
             return orig(model, inputs, *a, **k)
 
         trainer.training_step = step
+
+    def start_sync_debug(self):
+        """Every host sync of one warm-up step, by call stack (torch.cuda.set_sync_debug_mode warns at each)."""
+        import traceback
+        import warnings
+
+        self.syncs: dict[str, int] = {}
+        self._showwarning = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchronizing" not in str(message):
+                return self._showwarning(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-2] if "/warnings.py" not in f.filename][-7:]
+            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+            self.syncs[key] = self.syncs.get(key, 0) + 1
+
+        warnings.showwarning = show
+        warnings.simplefilter("always")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop_sync_debug(self):
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._showwarning
+        print(f"[{self.name}] host syncs in step {SYNC_DEBUG_STEP}: {sum(self.syncs.values())}", flush=True)
+        for key, n in sorted(self.syncs.items(), key=lambda kv: -kv[1]):
+            print(f"  {n:4d} x {key}", flush=True)
 
     def start_profile(self):
         from torch.profiler import ProfilerActivity, profile
@@ -243,7 +279,8 @@ def _result(name, meter, n_params, peak, extra=None):
     tps = meter.tokens / meter.dt
     r = {"name": name, "params": n_params, "tokens_per_s": round(tps), "step_s": round(meter.dt / TIMED, 3),
          "tokens_per_step": round(meter.tokens / TIMED), "mfu": round(6 * n_params * tps / peak, 3),
-         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)}
+         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 1),
+         "tokens_per_step_min_max": [min(meter.step_tokens, default=0), max(meter.step_tokens, default=0)]}
     if getattr(meter, "profile_summary", None):
         r["profile"] = meter.profile_summary
     r.update(extra or {})
@@ -400,84 +437,14 @@ def cudnn_varlen(q, k, v, cu, max_len, scale):
                                                    scale=scale)[0]
 
 
-@functools.cache  # the custom ops are registered once per process
-def fa_cute_varlen():
-    """FlashAttention's CuTe-DSL kernels for packed (T, H, D) rows, forward and backward (FA3-class on Hopper: the sm90
-    kernels of flash_attn/cute, as vLLM 0.25 ships them in vllm.vllm_flash_attn.cute; they need nvidia-cutlass-dsl
-    4.5.2 [cu13] and quack-kernels 0.5.0, carried by lent_gpu.sh's lease10 calls), as a torch custom op, so the
-    per-layer torch.compile traces through it instead of breaking its graph. Same arguments as attention.py's varlen
-    flash function; None where the kernels cannot be imported."""
-    try:
-        from vllm.vllm_flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
-    except Exception as e:  # not carried, or the DSL does not load
-        print(f"fa_cute unavailable: {type(e).__name__}: {e}", flush=True)
-        return None
-
-    # (annotations name torch.Tensor in full: this module's are strings, resolved at module scope)
-    @torch.library.custom_op("r1bench::fa_cute_fwd", mutates_args=(), device_types="cuda")
-    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                   max_seqlen_k=max_len, softmax_scale=scale, causal=True, return_lse=True)
-        return out, lse
-
-    @fwd.register_fake
-    def _(q, k, v, cu, max_len, scale):
-        return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-
-    @torch.library.custom_op("r1bench::fa_cute_bwd", mutates_args=(), device_types="cuda")
-    def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-            lse: torch.Tensor, cu: torch.Tensor, max_len: int,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, 0.0, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                     max_seqlen_q=max_len, max_seqlen_k=max_len)
-        return dq, dk, dv
-
-    @bwd.register_fake
-    def _(q, k, v, out, dout, lse, cu, max_len, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, cu, max_len, scale = inputs
-        ctx.save_for_backward(q, k, v, output[0], output[1], cu)
-        ctx.max_len, ctx.scale = max_len, scale
-
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu = ctx.saved_tensors
-        return (*bwd(q, k, v, out, dout.contiguous(), lse, cu, ctx.max_len, ctx.scale), None, None, None)
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-
-    def attend(q, k, v, cu, max_len, scale):
-        return fwd(q, k, v, cu, max_len, q.shape[-1] ** -0.5 if scale is None else float(scale))[0]
-
-    return attend
-
-
-def use_fa_cute():
-    """Route stages/shared/attention.py's padding-free path through fa_cute_varlen (the `*_fa_cute` variants); returns
-    the function that undoes it. Raises where the kernels are missing, so the variant reports an error, not a number."""
-    from stages.shared import attention
-
-    attend = fa_cute_varlen()
-    if attend is None:
-        raise RuntimeError("fa_cute: vllm.vllm_flash_attn.cute (+ nvidia-cutlass-dsl, quack) not importable")
-    saved = attention.varlen_fn
-    attention.varlen_fn = lambda: attend
-
-    def undo():
-        attention.varlen_fn = saved
-
-    return undo
-
-
 def check_varlen_kernels(which=("fa_cute", "cudnn"), iters=20) -> dict:
-    """Candidates for the SFT attention (`which`: fa_cute_varlen, cudnn_varlen) against the varlen flash kernel of
+    """Candidates for the SFT attention (`which`: attention.fa_cute_fn, cudnn_varlen) against the varlen flash kernel of
     stages/shared/attention.py on one packed row of this benchmark's shape (32 samples of 128..2048 tokens, 16 query /
     8 KV heads of 64, bf16): relative error of the output and of dq/dk/dv, and the forward+backward time of each
     (CUDA-synchronised median of `iters`). cuDNN on the 7th lease's H200 (torch 2.11): output within 1.5e-3, dq inf,
     32x slower, and the SFT run through it crashed (illegal memory access). fa_cute on the 10th lease's H100: correct
-    gradients, 1.30x faster, but 1.9% slower in the SFT step. Neither adopted."""
+    gradients, 1.30x faster, but 1.9% slower in the SFT step (then host-bound: batches grouped by length); 10% faster
+    with random batches on the 13th lease's H100, so stages/shared/attention.py's fa_cute_fn is the default there."""
     from stages.shared import attention
 
     flash = attention.varlen_fn()  # what attention.VARLEN runs, for the installed torch's signature
@@ -491,8 +458,8 @@ def check_varlen_kernels(which=("fa_cute", "cudnn"), iters=20) -> dict:
     v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn(total, 16, 64, device="cuda", dtype=torch.bfloat16)
     kernels = {"flash": flash}
-    if "fa_cute" in which and fa_cute_varlen() is not None:
-        kernels["fa_cute"] = fa_cute_varlen()
+    if "fa_cute" in which and attention.fa_cute_fn() is not None:
+        kernels["fa_cute"] = attention.fa_cute_fn()
     if "cudnn" in which:  # last: its illegal memory access (7th lease) would take the process's CUDA context
         kernels["cudnn"] = cudnn_varlen
     outs, res = {}, {"tokens": total}
@@ -583,24 +550,59 @@ def nosync_patch():
     return undo
 
 
+def nomask_patch():
+    """TRL's fused LM head scores only the positions with a label (`hidden_states[mask]`): a boolean index, so a host
+    sync between the forward and the backward of every step. With this patch it takes its other path, which scores
+    every position and zeroes the ignored ones (same loss; here 32 ignored positions of ~35k). Returns the undo."""
+    import trl.trainer.utils as trl_utils
+
+    saved = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: False  # only the head's choice: the kernels read their own module's
+
+    def undo():
+        trl_utils._use_triton = saved
+
+    return undo
+
+
+def settings_patch(expandable=False, coordinate_descent=False):
+    """The allocator's expandable segments (fewer cudaMalloc calls and cache flushes when every step's shapes differ)
+    and Inductor's coordinate-descent tuning of its Triton kernels, for one variant; returns the undo."""
+    import torch._inductor.config as inductor
+
+    saved = inductor.coordinate_descent_tuning
+    if expandable:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    inductor.coordinate_descent_tuning = coordinate_descent
+
+    def undo():
+        if expandable:
+            torch.cuda.empty_cache()
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+        inductor.coordinate_descent_tuning = saved
+
+    return undo
+
+
 def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False,
-                fa_cute=False):
+                fa_cute=False, nomask=False, sync_debug=False, expandable=False, coordinate_descent=False):
     """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them
     (hardware=gpu, plus `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
-    per-step metric syncs removed, see nosync_compute_loss; `fa_cute`: attention through fa_cute_varlen)."""
+    per-step metric syncs removed, see nosync_compute_loss; `fa_cute`: hardware.varlen_kernel=fa_cute)."""
     from trl import SFTTrainer
 
     from stages.shared import hardware as hardware_mod
     from stages.shared import trainers
 
+    hardware = [*hardware, *(["hardware.varlen_kernel=fa_cute"] if fa_cute else [])]
     cfg = project_cfg([f"cold_start_sft.per_device_train_batch_size={batch}", "cold_start_sft.max_length=2048",
                        "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
-                       "cold_start_sft.warmup_ratio=0.0", "cold_start_sft.logging_steps=1000",
+                       "cold_start_sft.warmup_ratio=0.0", f"cold_start_sft.logging_steps={WARM + TIMED}",
                        "cold_start_sft.save_steps=100000", *hardware])
     hardware_mod.setup(cfg)
     model, tok = trainers.load_policy(model_dir, cfg.hardware)
     n_params = sum(p.numel() for p in model.parameters())
-    meter = Meter(name, profile)
+    meter = Meter(name, profile, sync_debug)
     work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
     # Count the tokens of the trainer that sft() builds: wrap its training_step as it is constructed.
     orig_init = SFTTrainer.__init__
@@ -610,7 +612,8 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
         meter.wrap(self)
 
     SFTTrainer.__init__ = patched_init
-    undos = [use_fa_cute() if fa_cute else (lambda: None), nosync_patch() if nosync else (lambda: None)]
+    undos = [nosync_patch() if nosync else (lambda: None),
+             nomask_patch() if nomask else (lambda: None), settings_patch(expandable, coordinate_descent)]
     try:
         model, trainer = trainers.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
                                       max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
@@ -620,7 +623,10 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
         for undo in undos:
             undo()
     a = trainer.args
-    r = _result(name, meter, n_params, peak, {"attn": model.config._attn_implementation,
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # the mean over steps 1..WARM+TIMED: the
+    # same data and initial weights in every variant, so it shows what a change does to the numbers
+    r = _result(name, meter, n_params, peak, {"loss": round(losses[0], 4) if losses else None,
+                                                "attn": model.config._attn_implementation,
                                                 "gc": bool(a.gradient_checkpointing), "optim": str(a.optim),
                                                 "batch": batch, "hardware": {k: cfg.hardware.get(k) for k in (
                                                     "padding_free", "compile", "liger_kernels",
@@ -734,6 +740,49 @@ PROJECT_JOBS = {
     "project_b32_backbone_workers2": dict(batch=32, hardware=["hardware.compile=backbone"]),
     "project_b32_backbone_nosync": dict(batch=32, hardware=["hardware.compile=backbone"],
                                         fields={"logging_nan_inf_filter": False}, nosync=True),
+    # the thirteenth lease: where the ~16% of the step the GPU waits goes. Every host sync of a warm-up step by call
+    # stack (sync_debug), a profile of the timed ones, then each remaining sync removed: the batch's copy to the GPU
+    # made asynchronous (pinned memory, accelerate's non_blocking), TRL's fused head without its boolean index (nomask)
+    "project_b32_nosync_profile": dict(batch=32, nosync=True, profile=True, sync_debug=True),
+    "project_b32_nosync_nb": dict(batch=32, nosync=True, fields={"accelerator_config": {"non_blocking": True}}),
+    "project_b32_nosync_nomask": dict(batch=32, nosync=True, nomask=True),
+    "project_b32_nosync_nb_nomask": dict(batch=32, nosync=True, nomask=True, sync_debug=True,
+                                         fields={"accelerator_config": {"non_blocking": True}}),
+    "project_b32_nosync_nb_nomask_profile": dict(batch=32, nosync=True, nomask=True, profile=True,
+                                                 fields={"accelerator_config": {"non_blocking": True}}),
+    "project_b32_fa_cute_nosync_nb_nomask": dict(batch=32, nosync=True, nomask=True, fa_cute=True, sync_debug=True,
+                                                 fields={"accelerator_config": {"non_blocking": True}}),
+    "project_b48_nosync_nb_nomask": dict(batch=48, nosync=True, nomask=True,
+                                         fields={"accelerator_config": {"non_blocking": True}}),
+    # The syncs were not it (call 2: 6 per step, removing all but one changed nothing). The project's SFT sampled its
+    # padding-free batches grouped by length, which only saves padding where there is some: steps then run from ~4k
+    # tokens (host-bound) to ~65k (the 63 GB peak). Random batches (what the stage does now), then the rest on top
+    "project_b32_random": dict(batch=32, fields={"train_sampling_strategy": "random"}),
+    "project_b32_random_nosync": dict(batch=32, nosync=True, fields={"train_sampling_strategy": "random"}),
+    "project_b32_random_nosync_expandable": dict(batch=32, nosync=True, expandable=True,
+                                                 fields={"train_sampling_strategy": "random"}),
+    "project_b32_random_nosync_cdt": dict(batch=32, nosync=True, coordinate_descent=True,
+                                          fields={"train_sampling_strategy": "random"}),
+    "project_b32_random_nosync_profile": dict(batch=32, nosync=True, profile=True,
+                                              fields={"train_sampling_strategy": "random"}),
+    # with random batches the default itself (call 4 on): the CuTe kernels again (the tenth lease's -1.9% was measured
+    # with host-bound short steps), the allocator's expandable segments again, 48 samples per step
+    "project_b32_nosync_expandable": dict(batch=32, nosync=True, expandable=True),
+    "project_b32_fa_cute_nosync_expandable": dict(batch=32, nosync=True, fa_cute=True, expandable=True),
+    "project_b48_nosync": dict(batch=48, nosync=True),
+    # The project now (call 6): random batches, the bf16 residual stream (hardware.residual_dtype) and the CuTe kernels
+    # where they import (hardware.varlen_kernel=auto), against each of them undone
+    "project_b32_torch_kernel": dict(batch=32, hardware=["hardware.varlen_kernel=torch"]),
+    "project_b32_fp32_residual": dict(batch=32, hardware=["hardware.residual_dtype=float32"]),
+    "project_b32_torch_kernel_fp32_residual": dict(batch=32, hardware=["hardware.varlen_kernel=torch",
+                                                                       "hardware.residual_dtype=float32"]),
+    "project_b32_expandable": dict(batch=32, expandable=True),
+    # what hardware=gpu ran before the thirteenth lease (batches grouped by length, fp32 residual stream, PyTorch's kernel)
+    "project_b32_lease12_default": dict(batch=32, hardware=["hardware.varlen_kernel=torch",
+                                                            "hardware.residual_dtype=float32"],
+                                        fields={"train_sampling_strategy": "group_by_length"}),
+    "project_b32_default_profile": dict(batch=32, profile=True),
+    "project_b32_torch_kernel_profile": dict(batch=32, hardware=["hardware.varlen_kernel=torch"], profile=True),
     # pure bf16 weights and AdamW state (what hardware=gpu did before fp32 master weights became the default)
     "project_b32_bf16_weights": dict(batch=32, hardware=["hardware.weights_dtype=bfloat16"]),
     # under `accelerate launch --use_fsdp ... --num_processes N` (benchmarks/lent_gpu.sh fsdp): 32 samples per GPU

@@ -820,4 +820,30 @@ lease12_chain() {
 lease12_start() { start_chain lease12_chain; }
 lease12_wait() { lease11_wait "$1"; }
 
+# The thirteenth lease: the SFT benchmark's remaining ~16% of GPU idle time, in two calls back to back. Call 1 (carry
+# .dsl): the CuTe kernels (55 MB) unpacked into /tmp/site. Call 2 (carry .whl/sft: trl, datasets, hydra, ..., the
+# benchmark's imports from .gpu/c1/whl, 2 MB): every host sync of a warm-up step by call stack, a profile, then the
+# syncs removed one by one (bench_sft_gpu.py's lease-13 variants); the first variant is the warm-up (half speed on
+# five machines).
+lease13_unpack() { nvidia-smi -L; mkdir -p /tmp/site && tar -xJf .dsl/fa_cute.tar.xz -C /tmp/site && echo unpacked; }
+# SFT_VARIANTS per call (benchmarks/README.md "The thirteenth lease"): call 3 the default list below; call 4 (no .dsl)
+#   project_b32_default project_b32_default project_b32_random project_b32_random_nosync
+#   project_b32_random_nosync_expandable project_b32_random_nosync_profile project_b32_random_nosync_cdt;
+# call 6 project_b32_default project_b32_nosync project_b32_fa_cute_nosync (x2) project_b32_nosync_expandable
+#   project_b32_fa_cute_nosync_expandable project_b48_nosync project_b32_bf16_weights project_b32_default;
+# call 8 project_b32_default (x2) project_b32_torch_kernel project_b32_fp32_residual
+#   project_b32_torch_kernel_fp32_residual project_b32_expandable project_b32_bf16_weights project_b32_default;
+# call 10 (project_b32_default project_b32_torch_kernel) x2, their _profile variants, project_b32_nosync
+#   project_b48_nosync; call 12 trl_defaults, then (project_b32_default project_b32_lease12_default) x3
+lease13_sft() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/sft/*.whl || return 1
+  dsl_site
+  timeout "${SFT_TIMEOUT:-540}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
+    project_b32_nosync_profile project_b32_nosync_nb project_b32_nosync_nomask project_b32_nosync_nb_nomask \
+    project_b32_nosync_nb_nomask_profile project_b32_fa_cute_nosync_nb_nomask project_b48_nosync_nb_nomask} \
+    > "$OUT/sft.log" 2>&1
+  echo "sft rc=$?"; grep -h "host syncs\|^  .* x \|profile:\|Error" "$OUT/sft.log" | cut -c1-400 | head -n 60
+  grep -h -A12 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
+}
 "$@"
