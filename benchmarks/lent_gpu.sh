@@ -835,6 +835,17 @@ lease13_unpack() { nvidia-smi -L; mkdir -p /tmp/site && tar -xJf .dsl/fa_cute.ta
 #   project_b32_torch_kernel_fp32_residual project_b32_expandable project_b32_bf16_weights project_b32_default;
 # call 10 (project_b32_default project_b32_torch_kernel) x2, their _profile variants, project_b32_nosync
 #   project_b48_nosync; call 12 trl_defaults, then (project_b32_default project_b32_lease12_default) x3
+# Calls 13-14: lease13_unpack, then the project's own stages through the runner on the new defaults (the CuTe kernels,
+# the bf16 residual stream, random padding-free batches), carry .whl/sft (+ math_verify and latex2sympy2 for the
+# held-out scoring): `lease13_smoke`
+lease13_smoke() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/sft/*.whl || return 1
+  dsl_site; export PYTHONPATH=$PWD:$PYTHONPATH
+  timeout 420 python benchmarks/stage_times.py --run --stages base,cold_start_sft hardware=gpu $SMOKE \
+    artifacts_root=/tmp/art work_root=/tmp/work --json "$OUT/smoke_sft.json" > "$OUT/smoke_sft.log" 2>&1
+  echo "rc=$?"; tail -n 15 "$OUT/smoke_sft.log"
+}
 lease13_sft() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/sft/*.whl || return 1
