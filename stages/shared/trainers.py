@@ -487,9 +487,9 @@ def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *
         knobs["packing_strategy"] = "bfd"
     elif not padding_free:  # padded batches: similar lengths together, less padding
         knobs["train_sampling_strategy"] = "group_by_length"
-    # Padding-free batches have no padding to save, so they are drawn at random: grouped by length, the steps ran from
-    # ~4k tokens (the GPU waiting on the host) to ~65k (the memory peak), 17% slower and 20 GB more on an H100
-    # (benchmarks/README.md, the thirteenth lease)
+    # Padding-free batches have no padding to save, so they are drawn at random: grouped by length, the SFT benchmark's
+    # steps ran from 5.5k tokens (the GPU waiting on the host) to 63.6k (the memory peak), 17% slower and 20 GB more
+    # on an H100 (benchmarks/README.md, the thirteenth lease)
     knobs.update(fields)
     if "text" in dataset.column_names and "messages" not in dataset.column_names:
         knobs["assistant_only_loss"] = False
