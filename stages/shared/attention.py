@@ -279,6 +279,8 @@ def padding_free_collator(tokenizer, pad_to_multiple_of: int | None = None):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log.info("padding-free batches; their attention: %s", "FlashAttention's CuTe-DSL kernels"
+             if _varlen_kernel == "fa_cute" else "PyTorch's varlen flash kernel")
     return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True, pad_to_multiple_of=pad_to_multiple_of)
 
 
@@ -370,9 +372,6 @@ def configure_attention(hardware: Mapping) -> bool:
     _varlen_kernel = resolve_varlen_kernel(hardware)
     if on_cpu(hardware):
         return False
-    if _varlen_kernel != "torch":
-        log.info("padding-free attention: FlashAttention's CuTe-DSL kernels (hardware.varlen_kernel=%s)",
-                 hardware["varlen_kernel"])
     allowed = bool(hardware["cudnn_attention"])
     torch.backends.cuda.enable_cudnn_sdp(allowed)
     return allowed
