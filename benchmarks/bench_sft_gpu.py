@@ -443,8 +443,9 @@ def check_varlen_kernels(which=("fa_cute", "cudnn"), iters=20) -> dict:
     8 KV heads of 64, bf16): relative error of the output and of dq/dk/dv, and the forward+backward time of each
     (CUDA-synchronised median of `iters`). cuDNN on the 7th lease's H200 (torch 2.11): output within 1.5e-3, dq inf,
     32x slower, and the SFT run through it crashed (illegal memory access). fa_cute on the 10th lease's H100: correct
-    gradients, 1.30x faster, but 1.9% slower in the SFT step (then host-bound: batches grouped by length); 10% faster
-    with random batches on the 13th lease's H100, so stages/shared/attention.py's fa_cute_fn is the default there."""
+    gradients, 1.30x faster, but 1.9% slower in the SFT step (then host-bound: batches grouped by length). On the 13th
+    lease's H100 with random batches: +9.8% with the fp32 residual stream, +3.4% with the bf16 one (their per-call
+    Python then keeps the GPU waiting); stages/shared/attention.py's fa_cute_fn, hardware.varlen_kernel=auto."""
     from stages.shared import attention
 
     flash = attention.varlen_fn()  # what attention.VARLEN runs, for the installed torch's signature
