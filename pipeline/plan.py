@@ -35,7 +35,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 # How a stage computes (device, launcher, processes, threads, dataloader workers, kernels) is not what it computes:
 # `hardware` stays out of the version, so moving a run between machines reuses its artifacts -- except the keys that
 # set the precision of the numbers, which do change them.
-PRECISION_KEYS = ("bf16", "weights_dtype")
+PRECISION_KEYS = ("bf16", "weights_dtype", "master_weights")
 HASH_CACHE = ".hash-cache.json"  # under the work root: {path: [size, mtime_ns, sha256]}
 
 

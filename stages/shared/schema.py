@@ -52,6 +52,7 @@ class HardwareConfig:
     optim: str = MISSING
     vllm: HardwareVllmConfig = MISSING
     weights_dtype: str = MISSING
+    master_weights: str = MISSING    # optimizer | model: where SFT keeps the fp32 master weights (precision.py)
     residual_dtype: str = MISSING    # bfloat16 | float32: SFT's residual stream under bf16 autocast on fp32 weights
     cudnn_attention: bool = MISSING
     varlen_kernel: str = MISSING     # auto | torch | fa_cute: the padding-free attention's kernel

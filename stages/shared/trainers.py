@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from stages.shared import logs, progress
+from stages.shared import logs, precision, progress
 from stages.shared.errors import UserError
 from stages.shared.hardware import (hardware_args, is_main_process, model_dtype, on_cpu, peak_gpu_memory,
                                     release_memory, reset_peak_gpu_memory, world_size)
@@ -172,6 +172,7 @@ def train(trainer, checkpoint_dir: str | Path) -> int:
             # Training had finished (the crash came later, e.g. while saving the artifact): Trainer would run one
             # more step on a resume at max_steps, so load the final weights and state instead.
             log.info("training had finished at %s; loading it", checkpoint)
+            precision.restore_master_weights(trainer.model)  # fp32, as that checkpoint holds them
             if getattr(trainer, "is_fsdp_enabled", False):  # the model is not wrapped yet: train() would do it
                 load_final_weights(trainer.model, Path(checkpoint))
             else:
@@ -226,7 +227,8 @@ def checkpoint_bytes(trainer) -> int:
     trained = [p for p in model.parameters() if p.requires_grad]
     peft = hasattr(model, "peft_config")  # an adapter checkpoint holds the adapter's weights only
     weights = sum(p.numel() * p.element_size() for p in (trained if peft else model.parameters()))
-    adam = 2 * sum(p.numel() * p.element_size() for p in trained)
+    masters = precision.master_weights(model)  # hardware.master_weights=optimizer: fp32 masters + fp32 AdamW state
+    adam = sum(p.numel() * (12 if p in masters else 2 * p.element_size()) for p in trained)
     reference = getattr(trainer, "ref_model", None) if getattr(trainer.args, "sync_ref_model", False) else None
     ref = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
     fsdp_copy = weights if getattr(trainer, "is_fsdp_enabled", False) else 0
@@ -292,8 +294,11 @@ class FinalCheckpointCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.save_only_model = args.save_only_model
 
-    def on_step_end(self, args, state, control, **kwargs):
-        args.save_only_model = self.save_only_model or (control.should_save and state.global_step >= state.max_steps)
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        last = state.global_step >= state.max_steps
+        args.save_only_model = self.save_only_model or (control.should_save and last)
+        if last and model is not None:  # hardware.master_weights=optimizer: the final checkpoint holds the fp32 weights
+            precision.restore_master_weights(model)
 
     def on_train_end(self, args, state, control, **kwargs):
         args.save_only_model = self.save_only_model
@@ -454,6 +459,7 @@ def sft(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *, name: 
         train(trainer, ckpt)
     finally:
         attention.undo_for_training(model)  # generation and saving afterwards run the plain modules
+        precision.restore_master_weights(model)  # ... on the trained fp32 weights
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapter into the weights
         model = model.merge_and_unload()
@@ -509,8 +515,10 @@ def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *
         knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
     attention.bf16_residual_for_training(model, hardware)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
+    masters = precision.bf16_weights_for_training(model, hardware, sharded=bool(args.fsdp))
     return build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, data_collator=collator,
+                         optimizer_cls_and_kwargs=precision.master_weights_optimizer(args, masters),
                          peft_config=lora_config(cfg["lora"]) if "lora" in cfg else None)
 
 

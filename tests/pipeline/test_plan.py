@@ -71,7 +71,7 @@ def test_only_the_precision_keys_of_hardware_are_part_of_the_version(tmp_path):
     how = ["hardware.torch_threads=1", "hardware.device=cuda", "hardware.launcher=accelerate",
            "hardware.num_processes=4", "hardware.dataloader_workers=3"]
     assert cpu == {s.name: s.version for s in plan(compose_config([root] + how))}
-    for precision in ("hardware.bf16=true", "hardware.weights_dtype=bfloat16"):
+    for precision in ("hardware.bf16=true", "hardware.weights_dtype=bfloat16", "hardware.master_weights=optimizer"):
         other = {s.name: s.version for s in plan(compose_config([root, precision]))}
         assert other["reasoning_grpo"] != cpu["reasoning_grpo"] and other["base"] != cpu["base"], precision
     assert versioned_view({"hardware": {"bf16": True, "device": "cuda"}, "lr": 1}) == {"lr": 1,
