@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -585,8 +586,42 @@ def settings_patch(expandable=False, coordinate_descent=False):
     return undo
 
 
+def cute_host_time_patch():
+    """Times the host side of each call into FlashAttention's CuTe interface (no sync: the launch, its argument checks
+    and compile-cache key; the kernels run asynchronously). Must come before the first fa_cute_fn() of the process,
+    which binds the interface's functions. Returns (durations by kind, undo)."""
+    import time as _time
+
+    from vllm.vllm_flash_attn.cute import interface
+
+    from stages.shared import attention
+
+    if attention.fa_cute_fn.cache_info().currsize:
+        raise RuntimeError("cute_host_time: run this variant first in its process (fa_cute_fn already bound)")
+    seen = {"fwd": [], "bwd": []}
+    originals = {"fwd": interface._flash_attn_fwd, "bwd": interface._flash_attn_bwd}
+
+    def timed(kind):
+        @functools.wraps(originals[kind])  # with its attributes: the interface reads its own compile_cache off it
+        def call(*a, **k):
+            t = _time.perf_counter()
+            try:
+                return originals[kind](*a, **k)
+            finally:
+                seen[kind].append(_time.perf_counter() - t)
+        return call
+
+    interface._flash_attn_fwd, interface._flash_attn_bwd = timed("fwd"), timed("bwd")
+
+    def undo():
+        interface._flash_attn_fwd, interface._flash_attn_bwd = originals["fwd"], originals["bwd"]
+
+    return seen, undo
+
+
 def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False, fields=None, nosync=False,
-                fa_cute=False, nomask=False, sync_debug=False, expandable=False, coordinate_descent=False):
+                fa_cute=False, nomask=False, sync_debug=False, expandable=False, coordinate_descent=False,
+                cute_host_time=False):
     """stages.shared.trainers.load_policy + stages.shared.trainers.sft exactly as cold_start_sft calls them
     (hardware=gpu, plus `hardware` overrides such as hardware.compile=backbone; `fields`: extra SFTConfig fields; `nosync`: TRL's
     per-step metric syncs removed, see nosync_compute_loss; `fa_cute`: hardware.varlen_kernel=fa_cute)."""
@@ -600,6 +635,9 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
                        "cold_start_sft.learning_rate=1e-4", "cold_start_sft.lr_scheduler_type=constant",
                        "cold_start_sft.warmup_ratio=0.0", f"cold_start_sft.logging_steps={WARM + TIMED}",
                        "cold_start_sft.save_steps=100000", *hardware])
+    host_times = None
+    if cute_host_time:  # before setup, whose kernel check binds the interface's functions
+        host_times, undo_host_time = cute_host_time_patch()
     hardware_mod.setup(cfg)
     model, tok = trainers.load_policy(model_dir, cfg.hardware)
     n_params = sum(p.numel() for p in model.parameters())
@@ -615,6 +653,8 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
     SFTTrainer.__init__ = patched_init
     undos = [nosync_patch() if nosync else (lambda: None),
              nomask_patch() if nomask else (lambda: None), settings_patch(expandable, coordinate_descent)]
+    if host_times is not None:
+        undos.append(undo_host_time)
     try:
         model, trainer = trainers.sft(cfg, model, tok, ds, work, name=name, callbacks=[meter.callback()],
                                       max_steps=WARM + TIMED + (PROFILED if profile else 0), assistant_only_loss=False,
@@ -624,6 +664,12 @@ def run_project(name, ds, peak, model_dir, *, batch, hardware=(), profile=False,
         for undo in undos:
             undo()
     a = trainer.args
+    if host_times is not None:  # medians (the first calls JIT-compile), and the host seconds per step they add up to
+        steps = WARM + TIMED
+        for kind, times in host_times.items():
+            median = statistics.median(times)
+            print(f"{name}: CuTe interface host time, {kind}: {len(times)} calls ({len(times) / steps:.0f} per step), "
+                  f"median {1e3 * median:.3f} ms, ~{1e3 * median * len(times) / steps:.1f} ms per step", flush=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]  # the mean over steps 1..WARM+TIMED: the
     # same data and initial weights in every variant, so it shows what a change does to the numbers
     r = _result(name, meter, n_params, peak, {"loss": round(losses[0], 4) if losses else None,
@@ -786,6 +832,14 @@ PROJECT_JOBS = {
     "project_b32_torch_kernel_profile": dict(batch=32, hardware=["hardware.varlen_kernel=torch"], profile=True),
     # pure bf16 weights and AdamW state (what hardware=gpu did before fp32 master weights became the default)
     "project_b32_bf16_weights": dict(batch=32, hardware=["hardware.weights_dtype=bfloat16"]),
+    # the fourteenth lease: the fp32 master weights in the optimizer, the model in bf16 (hardware.master_weights:
+    # optimizer, the default now) against fp32 weights in the model under autocast (model: the default before), and
+    # the host time of the CuTe interface's calls
+    "project_b32_model_master": dict(batch=32, hardware=["hardware.master_weights=model"]),
+    "project_b32_torch_kernel_model_master": dict(batch=32, hardware=["hardware.master_weights=model",
+                                                                      "hardware.varlen_kernel=torch"]),
+    "project_b32_default_host_time": dict(batch=32, cute_host_time=True),
+    "project_b32_model_master_profile": dict(batch=32, hardware=["hardware.master_weights=model"], profile=True),
     # under `accelerate launch --use_fsdp ... --num_processes N` (benchmarks/lent_gpu.sh fsdp): 32 samples per GPU
     "project_fsdp_b32": dict(batch=32, hardware=["hardware=multi_gpu"]),
 }

@@ -857,4 +857,23 @@ lease13_sft() {
   echo "sft rc=$?"; grep -h "host syncs\|^  .* x \|profile:\|Error" "$OUT/sft.log" | cut -c1-400 | head -n 60
   grep -h -A12 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
 }
+# The fourteenth lease: fp32 master weights kept by the optimizer, the model in bf16 (hardware.master_weights:
+# optimizer, stages/shared/precision.py) against the previous default (model: fp32 weights under autocast), and the
+# host time of the CuTe interface's calls. Call 1 (carry .dsl): lease13_unpack. Call 2 (carry .whl/sft): lease14_sft.
+# Call 3 (carry .whl/sft): lease13_smoke, base and cold_start_sft through the runner on the new default.
+# Calls 4-5: lease13_unpack, then SFT_VARIANTS="project_b32_default_profile project_b32_model_master_profile"
+#   lease14_sft (the profiles side by side; the host-time run now patches before the kernels are bound).
+lease14_sft() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/sft/*.whl || return 1
+  dsl_site
+  # its own process: the timing wrappers must be in place before the kernels are first bound
+  timeout 150 python benchmarks/bench_sft_gpu.py project project_b32_default_host_time > "$OUT/host_time.log" 2>&1
+  echo "host_time rc=$?"; grep -h "host time\|Error" "$OUT/host_time.log" | cut -c1-300
+  timeout "${SFT_TIMEOUT:-420}" python benchmarks/bench_sft_gpu.py project ${SFT_VARIANTS:-project_b32_default \
+    project_b32_model_master project_b32_default project_b32_model_master project_b32_default \
+    project_b32_model_master} > "$OUT/sft.log" 2>&1
+  echo "sft rc=$?"; grep -h "Error" "$OUT/sft.log" | cut -c1-300 | head -n 8
+  grep -h -A12 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
+}
 "$@"
