@@ -515,11 +515,15 @@ def sft_trainer(cfg: Mapping, model, tokenizer, dataset, work_dir: str | Path, *
         knobs["use_liger_kernel"] = False  # compiled layers fuse what Liger would (faster, measured)
     attention.bf16_residual_for_training(model, hardware)
     args = trainer_args(SFTConfig, cfg, ckpt, **knobs)
-    masters = precision.bf16_weights_for_training(model, hardware, sharded=bool(args.fsdp))
+    peft_config = lora_config(cfg["lora"]) if "lora" in cfg else None
+    # LoRA trains fp32 adapters (peft upcasts them) on a frozen base: fp32 masters of the frozen weights would only cost
+    # memory, so the base stays as loaded
+    masters = {} if peft_config is not None else \
+        precision.bf16_weights_for_training(model, hardware, sharded=bool(args.fsdp))
     return build_trainer(SFTTrainer, name=name, callbacks=callbacks, model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, data_collator=collator,
                          optimizer_cls_and_kwargs=precision.master_weights_optimizer(args, masters),
-                         peft_config=lora_config(cfg["lora"]) if "lora" in cfg else None)
+                         peft_config=peft_config)
 
 
 def assistant_loss_format(dataset, tokenizer, name: str = "sft"):

@@ -182,3 +182,11 @@ def test_the_checkpoint_estimate_counts_the_fp32_masters(gpu, smoke_base, tmp_pa
     trainer.add_callback(first)
     trainers.train(trainer, tmp_path / trainers.CHECKPOINT_DIR)
     assert first.size == pytest.approx(estimate, rel=0.10)
+
+
+def test_lora_leaves_the_frozen_base_as_loaded(gpu, smoke_base, tmp_path):
+    """LoRA trains fp32 adapters on a frozen base: no bf16 cast, no masters, PyTorch's AdamW."""
+    trainer, model = _sft(smoke_base, tmp_path, max_steps=1, **{"lora.enabled": "true"})
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert precision.master_weights(trainer.model) == {}
+    assert type(trainer.create_optimizer()) is torch.optim.AdamW
