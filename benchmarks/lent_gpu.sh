@@ -860,7 +860,9 @@ lease13_sft() {
 # The fourteenth lease: fp32 master weights kept by the optimizer, the model in bf16 (hardware.master_weights:
 # optimizer, stages/shared/precision.py) against the previous default (model: fp32 weights under autocast), and the
 # host time of the CuTe interface's calls. Call 1 (carry .dsl): lease13_unpack. Call 2 (carry .whl/sft): lease14_sft.
-# Call 3 (carry .whl/sft): lease13_smoke, base and cold_start_sft through the runner on the new default.
+# Call 3 (carry .whl/sft): lease13_smoke, base and cold_start_sft through the runner on the new default. .whl/sft is
+# trl, datasets, hydra-core, omegaconf, antlr4, dill, multiprocess, math-verify, latex2sympy2_extended from .gpu/c1/whl
+# plus pebble==5.2.3 (the answer checks' pool; `pip download --no-deps`), 2.4 MB.
 # Calls 4-5: lease13_unpack, then SFT_VARIANTS="project_b32_default_profile project_b32_model_master_profile"
 #   lease14_sft (the profiles side by side; the host-time run now patches before the kernels are bound).
 lease14_sft() {

@@ -89,8 +89,8 @@ def master_weights_optimizer(args, masters: dict) -> tuple[type, dict] | None:
 
 
 class MasterWeightsAdamW(torch.optim.AdamW):
-    """AdamW over the fp32 masters of bf16 parameters (bf16_weights_for_training; a parameter without one, e.g. a LoRA
-    adapter peft keeps in fp32, is its own master). The masters of each parameter group are one flat fp32 tensor:
+    """AdamW over the fp32 masters of bf16 parameters (bf16_weights_for_training; a parameter without one, i.e. one
+    that was fp32 at that point or was added later, is its own master). The masters of each parameter group are one flat fp32 tensor:
     AdamW is elementwise, so the update is the same, and one step costs a few large kernels instead of several per
     parameter (on the SFT benchmark per-parameter casts and copies cost ~6 ms of host and ~5 ms of GPU per step).
 
