@@ -128,9 +128,9 @@ def model_dtype(hardware: Mapping) -> str:
     forward and backward in bf16 under autocast (`hardware.bf16`), i.e. standard mixed precision. `bfloat16` keeps the
     weights themselves in bf16 (half the memory), but then AdamW adds each update to a bf16 weight, which rounds away
     every update smaller than 2^-8 of the weight: at RL learning rates (1e-6..5e-5) most weights never move
-    (tests/pipeline/test_hardware.py). Under FSDP accelerate keeps fp32 master weights itself (it upcasts). SFT stages
-    then move the fp32 weights into the optimizer and train the model in bf16 (`hardware.master_weights`,
-    stages/shared/precision.py).
+    (tests/pipeline/test_hardware.py). Under FSDP accelerate keeps fp32 master weights itself (it upcasts). Without
+    FSDP, SFT stages move the loaded fp32 weights into the optimizer and train the model on bf16 copies
+    (`hardware.master_weights`, stages/shared/precision.py).
     """
     if on_cpu(hardware):
         return "float32"

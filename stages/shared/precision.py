@@ -90,9 +90,10 @@ def master_weights_optimizer(args, masters: dict) -> tuple[type, dict] | None:
 
 class MasterWeightsAdamW(torch.optim.AdamW):
     """AdamW over the fp32 masters of bf16 parameters (bf16_weights_for_training; a parameter without one, i.e. one
-    that was fp32 at that point or was added later, is its own master). The masters of each parameter group are one flat fp32 tensor:
-    AdamW is elementwise, so the update is the same, and one step costs a few large kernels instead of several per
-    parameter (on the SFT benchmark per-parameter casts and copies cost ~6 ms of host and ~5 ms of GPU per step).
+    that was fp32 at that point or was added later, is its own master). The masters of each parameter group are one
+    flat fp32 tensor: AdamW is elementwise, so the update is the same, and one step costs a few large kernels instead of
+    several per parameter (on the SFT benchmark per-parameter casts and copies cost ~6 ms of host and ~5 ms of GPU per
+    step).
 
     The Trainer clips the bf16 gradients and calls step(): they are concatenated and taken in fp32, AdamW updates the
     masters, and their bf16 rounding is copied into the parameters. A parameter without a gradient (unused in the
@@ -109,7 +110,8 @@ class MasterWeightsAdamW(torch.optim.AdamW):
             cast = [p for p in params if p in _masters]
             own = [p for p in params if p not in _masters]
             if cast:
-                # where the parameters are now: a model built on the CPU (base) was cast there, then moved by the Trainer
+                # where the parameters are now: a model built on the CPU (base) was cast there, then moved to the GPU
+                # by the Trainer
                 flat = torch.cat([_masters[p].reshape(-1).to(p.device) for p in cast])
                 for p, view in zip(cast, flat.split([p.numel() for p in cast])):
                     _masters[p] = view.view_as(p)  # the fp32 tensor it was cast from is freed
