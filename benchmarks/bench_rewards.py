@@ -1,12 +1,15 @@
 """Throughput of the accuracy reward (extract + math-verify): completions verified per second.
 
     .venv/bin/python benchmarks/bench_rewards.py [--n 2000] [--runs 3] [--batch 0] [--workers N]
+    .venv/bin/python benchmarks/bench_rewards.py --language [--runs 5]
 
 Each run scores fresh, distinct completions (new random answers, caches cleared), so neither our result cache nor
 math-verify's parse caches help; half are correct in another form (0.5 vs 1/2, 1,000 vs 1000, ...), half are wrong.
 "serial": `check_answer` in a loop in this process (math-verify's own cost, no time bound, no pool); "pool":
 `accuracy_reward` through the bounded verification pool (conf/config.yaml `verification`, `--workers` overriding).
 ``--batch 64`` splits the completions into TRL-sized calls. Prints the median of the runs.
+``--language``: instead, the language-consistency reward on one ~200k-character mixed-script completion (the
+regex scan must stay linear: a GRPO step scores G long completions on the trainer's critical path).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.plan import compose_config  # noqa: E402
 from stages.shared import rewards  # noqa: E402
 from stages.shared.rewards import accuracy, verification  # noqa: E402
+from stages.shared.rewards.language import language_consistency  # noqa: E402
 from stages.shared.templates import extract_answer_with_kind  # noqa: E402
 
 
@@ -80,14 +84,29 @@ def one_run(n: int, seed: int, mode: str, batch: int, settings: dict) -> tuple[f
     return n / elapsed, scores.count(None)
 
 
+def language_speed(runs: int) -> None:
+    text = "We add the numbers and carry the one, then 我们 check. " * 4000
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        score = language_consistency(text, "en")
+        seconds.append(time.perf_counter() - start)
+    print(f"language_consistency on {len(text)} characters: median {statistics.median(seconds) * 1000:.1f} ms "
+          f"of {runs} runs ({', '.join(f'{s * 1000:.1f}' for s in seconds)} ms), score {score:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="completions per run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=0, help="completions per reward call (0: all in one call)")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (default: verification.workers)")
+    parser.add_argument("--language", action="store_true", help="time the language-consistency reward instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.language:
+        language_speed(args.runs)
+        return
     settings = dict(compose_config([]).verification)
     if args.workers:
         settings["workers"] = args.workers
