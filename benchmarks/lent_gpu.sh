@@ -878,4 +878,18 @@ lease14_sft() {
   echo "sft rc=$?"; grep -h "Error" "$OUT/sft.log" | cut -c1-300 | head -n 8
   grep -h -A12 "^variant" "$OUT/sft.log" || tail -n 20 "$OUT/sft.log"
 }
+# The fifteenth lease (281 s of device time left): gradient accumulation with the fp32 masters on a GPU, through the
+# real stages (benchmarks/sft_accumulation_check.py: cold_start_sft as one batch of 32 and as 4 micro-batches of 8).
+# One call, carry .whl/sft; no .dsl (the attention falls back to PyTorch's varlen kernel), no compile, to fit.
+lease15_accumulation() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/sft/*.whl || return 1
+  dsl_site; export PYTHONPATH=$PWD:$PYTHONPATH
+  nvidia-smi -L
+  timeout 200 python benchmarks/sft_accumulation_check.py --batch 32 --json "$OUT/accumulation.json" hardware=gpu \
+    hardware.compile=false size=smoke base.eval_samples=0 artifacts_root=/tmp/art work_root=/tmp/work \
+    > "$OUT/accumulation.log" 2>&1
+  echo "rc=$?"; grep -h "master\|== \|Error" "$OUT/accumulation.log" | cut -c1-300 | head -n 12
+  tail -n 12 "$OUT/accumulation.log"
+}
 "$@"

@@ -119,7 +119,9 @@ def _distributed(hardware: dict, module: str | None) -> bool:
 
 def stage_env(hardware: dict) -> dict[str, str]:
     env = dict(os.environ)
-    threads = str(hardware.get("torch_threads", 1))
+    # R1FLOW_TORCH_THREADS forces torch's threads in the stage (stages.shared.hardware.pick_threads); the OpenMP pool,
+    # which vLLM on a CPU and the tokenizers use, follows it
+    threads = env.get("R1FLOW_TORCH_THREADS") or str(hardware.get("torch_threads", 1))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"))
     vllm = hardware.get("vllm") or {}

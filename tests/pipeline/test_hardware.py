@@ -164,10 +164,14 @@ def test_ddp_without_fsdp(tmp_path):
     assert args.multi_gpu and not args.use_fsdp and args.num_processes == 2 and args.mixed_precision == "no"
 
 
-def test_stage_env_threads_and_path():
+def test_stage_env_threads_and_path(monkeypatch):
+    monkeypatch.delenv("R1FLOW_TORCH_THREADS", raising=False)
     env = runner.stage_env(dict(compose_config(["hardware=gpu"]).hardware))
     assert env["OMP_NUM_THREADS"] == "8" and env["TOKENIZERS_PARALLELISM"] == "false"
     assert str(runner.PROJECT_ROOT) in env["PYTHONPATH"].split(":")
+    monkeypatch.setenv("R1FLOW_TORCH_THREADS", "3")  # the override reaches the stage's OpenMP pool too
+    env = runner.stage_env(dict(compose_config(["hardware=gpu"]).hardware))
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
