@@ -36,7 +36,7 @@ from stages.shared.rewards import (
 from stages.shared.rewards.batch import forget_warnings
 
 VERIFICATION = dict(compose_config([]).verification)  # conf/verification/default.yaml: the one home of the values
-BOUND = 0.5  # seconds per check in the timed tests (the default is VERIFICATION["timeout_s"])
+BOUND = 0.5  # seconds per check in the timeout tests (the default is VERIFICATION["timeout_s"])
 
 
 def settings(**override):
