@@ -590,8 +590,6 @@ def cute_host_time_patch():
     """Times the host side of each call into FlashAttention's CuTe interface (no sync: the launch, its argument checks
     and compile-cache key; the kernels run asynchronously). Must come before the first fa_cute_fn() of the process,
     which binds the interface's functions. Returns (durations by kind, undo)."""
-    import time as _time
-
     from vllm.vllm_flash_attn.cute import interface
 
     from stages.shared import attention
@@ -604,11 +602,11 @@ def cute_host_time_patch():
     def timed(kind):
         @functools.wraps(originals[kind])  # with its attributes: the interface reads its own compile_cache off it
         def call(*a, **k):
-            t = _time.perf_counter()
+            t = time.perf_counter()
             try:
                 return originals[kind](*a, **k)
             finally:
-                seen[kind].append(_time.perf_counter() - t)
+                seen[kind].append(time.perf_counter() - t)
         return call
 
     interface._flash_attn_fwd, interface._flash_attn_bwd = timed("fwd"), timed("bwd")

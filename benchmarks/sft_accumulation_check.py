@@ -23,20 +23,14 @@ sys.path.insert(0, str(ROOT))
 ACCUMULATION = 4
 
 
-def losses(root: str, stage) -> dict[int, float]:
-    from pipeline import artifacts
-
-    path = artifacts.load(root, stage.name, stage.version, verify=False)
+def losses(path: Path) -> dict[int, float]:
     entries = [json.loads(line) for line in (path / "log_history.jsonl").read_text().splitlines() if line.strip()]
     return {e["step"]: e["loss"] for e in entries if "loss" in e}
 
 
-def weights_dtypes(root: str, stage) -> list[str]:
+def weights_dtypes(path: Path) -> list[str]:
     from safetensors import safe_open
 
-    from pipeline import artifacts
-
-    path = artifacts.load(root, stage.name, stage.version, verify=False)
     dtypes = set()
     for file in path.glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
@@ -45,11 +39,14 @@ def weights_dtypes(root: str, stage) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline import runner
+    from pipeline import artifacts, runner
     from pipeline.plan import artifacts_root, compose_config, plan, work_root
 
     json_path = argv[argv.index("--json") + 1] if "--json" in argv else None
     batch = int(argv[argv.index("--batch") + 1]) if "--batch" in argv else 32
+    if batch % ACCUMULATION:  # else the micro-batches hold fewer rows than the batch, and the losses part for that
+        raise SystemExit(f"--batch {batch}: use a multiple of {ACCUMULATION}, so that both runs see the same rows per "
+                         f"step")
     overrides = [a for a in argv if "=" in a]
     common = [*overrides, "cold_start_sft.logging_steps=1", "cold_start_sft.eval_samples=0"]
     runs = {"one batch": [f"cold_start_sft.per_device_train_batch_size={batch}",
@@ -66,8 +63,8 @@ def main(argv: list[str]) -> int:
             done = runner.run_stage(stage, root=root, work_root=work, log=print)
             print(f"== {name}: {stage.name}@{stage.version} {'cached' if done['cached'] else 'ran'} in "
                   f"{time.time() - start:.1f} s", flush=True)
-        stage = stages["cold_start_sft"]
-        result[name] = {"losses": losses(root, stage), "dtypes": weights_dtypes(root, stage)}
+        path = artifacts.load(root, "cold_start_sft", stages["cold_start_sft"].version, verify=False)
+        result[name] = {"losses": losses(path), "dtypes": weights_dtypes(path)}
     (a, ra), (b, rb) = result.items()
     steps = sorted(set(ra["losses"]) & set(rb["losses"]))
     print(f"\n{'step':>5s} {a:>14s} {b:>18s} {'rel. diff':>10s}")
